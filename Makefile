@@ -1,0 +1,32 @@
+# Two entry points for a new user: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned here (not in pyproject.toml) to the build known to work with timm/torchvision on CPU.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/hipt: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/hipt
+
+setup: $(BIN)/hipt
+
+demo: setup
+	$(BIN)/hipt demo --out demo_out
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q tests
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf demo_out .pytest_cache

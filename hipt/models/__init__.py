@@ -1,0 +1,8 @@
+"""The HIPT models: ViT-256, ViT-4K, the region encoder and the slide-level models.
+
+Build them by name with :func:`create_model`; :func:`list_models` lists the names.
+"""
+
+from hipt.models.registry import ModelInfo, create_model, list_models, model_info, register_model
+
+__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

@@ -1,0 +1,1 @@
+"""hipt stage: preprocessing."""
