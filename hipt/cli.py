@@ -14,7 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("preprocessing.cli", "segment tissue and cut slides into 4096 px regions"),
     "embed": ("hipt.embed", "embed tiled regions with ViT-256 and ViT-4K into features/*.h5"),
     "train": ("train.cli", "slide-level subtyping or survival, k-fold by case"),
-    "inspect": ("hipt.inspect", "print the schema, shapes and provenance of a tiles or features file"),
+    "inspect": (
+        "hipt.inspect",
+        "print the schema, shapes and provenance of a tiles or features file",
+    ),
     "demo": ("hipt.demo", "run the pipeline on a small generated cohort"),
 }
 

@@ -61,7 +61,11 @@ def patches_to_region(patches: torch.Tensor, grid: int | None = None) -> torch.T
     grid = grid or int(round(n**0.5))
     if grid * grid != n:
         raise ValueError(f"{n} patches do not form a square grid")
-    x = x.reshape(b, grid, grid, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * p, grid * p)
+    x = (
+        x.reshape(b, grid, grid, c, p, p)
+        .permute(0, 3, 1, 4, 2, 5)
+        .reshape(b, c, grid * p, grid * p)
+    )
     return x if batched else x[0]
 
 

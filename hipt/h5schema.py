@@ -108,7 +108,9 @@ def write_tiles(
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
     if len(coords) != len(tissue_fraction):
-        raise SchemaError(f"{path}: {len(coords)} coords but {len(tissue_fraction)} tissue fractions")
+        raise SchemaError(
+            f"{path}: {len(coords)} coords but {len(tissue_fraction)} tissue fractions"
+        )
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema"] = TILES_SCHEMA
@@ -117,7 +119,9 @@ def write_tiles(
             d = f.create_dataset("coords", data=coords)
             d.attrs["patch_level"] = int(attrs["read_level"])
             # CLAM's patch_size is the region's side in pixels of the read level.
-            d.attrs["patch_size"] = int(attrs.get("region_size_read_level", attrs["region_size_level0"]))
+            d.attrs["patch_size"] = int(
+                attrs.get("region_size_read_level", attrs["region_size_level0"])
+            )
             f.create_dataset("tissue_fraction", data=tissue_fraction)
     return path
 
@@ -220,7 +224,9 @@ class FeaturesWriter:
         self._file = f
         return self
 
-    def write(self, start: int, patch_features: np.ndarray | None, region_features: np.ndarray) -> None:
+    def write(
+        self, start: int, patch_features: np.ndarray | None, region_features: np.ndarray
+    ) -> None:
         """Store rows ``start : start + len(region_features)``."""
         assert self._file is not None, "use FeaturesWriter as a context manager"
         stop = start + len(region_features)
@@ -262,16 +268,24 @@ def read_features_info(path: str | os.PathLike) -> FeaturesInfo:
             if f["coords"].shape != (m, 2):
                 raise SchemaError(f"{path}: coords shape {f['coords'].shape}, expected [M, 2]")
             if f["region_features"].shape[0] != m or f["region_features"].ndim != 2:
-                raise SchemaError(f"{path}: region_features shape {f['region_features'].shape}, expected [{m}, D]")
+                raise SchemaError(
+                    f"{path}: region_features shape {f['region_features'].shape}, expected [{m}, D]"
+                )
             has_patch = "patch_features" in f
-            if has_patch and (f["patch_features"].shape[:2] != (m, 256) or f["patch_features"].ndim != 3):
-                raise SchemaError(f"{path}: patch_features shape {f['patch_features'].shape}, expected [{m}, 256, D]")
+            if has_patch and (
+                f["patch_features"].shape[:2] != (m, 256) or f["patch_features"].ndim != 3
+            ):
+                raise SchemaError(
+                    f"{path}: patch_features shape {f['patch_features'].shape}, expected [{m}, 256, D]"
+                )
     except OSError as exc:
         raise SchemaError(f"{path}: not a readable HDF5 file ({exc})") from exc
     return FeaturesInfo(path=path, attrs=attrs, n_regions=m, has_patch_features=has_patch)
 
 
-def read_features(path: str | os.PathLike, *, patch_features: bool = False) -> dict[str, np.ndarray]:
+def read_features(
+    path: str | os.PathLike, *, patch_features: bool = False
+) -> dict[str, np.ndarray]:
     """Load a features file's arrays: ``coords``, ``region_features`` and, if asked, ``patch_features``."""
     info = read_features_info(path)
     out: dict[str, np.ndarray] = {}
@@ -280,6 +294,8 @@ def read_features(path: str | os.PathLike, *, patch_features: bool = False) -> d
         out["region_features"] = f["region_features"][()]
         if patch_features:
             if not info.has_patch_features:
-                raise SchemaError(f"{info.path}: has no patch_features (embedded with --no-patch-features?)")
+                raise SchemaError(
+                    f"{info.path}: has no patch_features (embedded with --no-patch-features?)"
+                )
             out["patch_features"] = f["patch_features"][()]
     return out

@@ -46,7 +46,9 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _INFO: dict[str, ModelInfo] = {}
 
 
-def register_model(info: ModelInfo) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(
+    info: ModelInfo,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a builder under ``info.name``; a second builder of that name is an error."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
