@@ -3,6 +3,7 @@
 Build them by name with :func:`create_model`; :func:`list_models` lists the names.
 """
 
+import hipt.models.slide  # noqa: E402, F401  (registers hipt_lgp, hipt_gp, abmil)
 from hipt.models.registry import ModelInfo, create_model, list_models, model_info, register_model
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
