@@ -1,0 +1,464 @@
+"""Fast reader for JPEG-tiled TIFF slides (Aperio SVS and generic tiled TIFF).
+
+OpenSlide decodes JPEG tiles with libjpeg-turbo too, but paints every tile through cairo, converts
+to premultiplied ARGB and back, and serialises a region on one thread. This reader takes the raw
+tile bytes straight from the file (offsets, byte counts and ``JPEGTables`` from the TIFF tags),
+decodes them with libjpeg-turbo (imagecodecs) and copies the visible part of each tile into one
+preallocated RGB buffer; the tiles of a region are decoded in parallel by a small thread pool
+(libjpeg-turbo releases the GIL).
+
+It only takes slides where it can promise OpenSlide's pixels. :meth:`TiffJpegReader.supports`
+says yes when OpenSlide would open the file as ``aperio`` or ``generic-tiff`` *and* every pyramid
+level is one OpenSlide itself decodes on its direct JPEG path: tiled, JPEG-compressed, 8-bit,
+3 samples, contiguous planes, photometric RGB or YCbCr. Anything else (non-JPEG tiles, stripped
+TIFFs, JPEG 2000 SVS, NDPI, MRXS, DICOM, Aperio levels with zero-length tiles that OpenSlide
+repaints from the level above) stays with OpenSlide.
+
+Pixel equality with OpenSlide (measured in ``tests/test_reader_fast.py``):
+
+* Exact (0 grey levels) for every read whose top-left corner falls on a whole pixel of the level
+  read, i.e. ``x0`` and ``y0`` are multiples of the level downsample (always true at level 0),
+  including reads that cross the slide edge (white outside, as OpenSlide's transparent pixels
+  composited on white) and partial edge tiles (their padding is cut off, as OpenSlide does).
+  Both decoders are libjpeg-turbo with the same settings (islow DCT, fancy upsampling), and the
+  JPEG colour space is taken from the TIFF photometric tag exactly as OpenSlide does: Aperio
+  writes RGB-encoded JPEG tiles without an Adobe APP14 marker, which a plain JPEG decoder would
+  mistake for YCbCr.
+* When ``x0 / downsample`` is fractional (a level > 0 read that is not level-pixel aligned),
+  OpenSlide shifts the level image by the sub-pixel fraction with bilinear interpolation; this
+  reader snaps to the nearest level pixel instead. Differences there follow the local image
+  gradient (not bounded by a fixed number of grey levels), which is why :class:`hipt.slide.Slide`
+  should request level-aligned corners.
+* Negative corners follow OpenSlide: the output is shifted by ``int(-x0 / downsample)`` pixels
+  and the level is read from its first column.
+
+Thread and process safety: each instance owns one file descriptor and reads with ``os.pread``,
+so there is no shared seek position and any number of threads may read at once. After a
+``fork`` the thread pool is recreated in the child; DataLoader workers should each open their
+own reader (pickling a reader reopens the file by path).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hipt.readers.base import SlideReadError
+
+__all__ = ["TiffJpegReader", "UnsupportedSlideError", "default_threads"]
+
+_JPEG = 7
+_PHOTOMETRIC_RGB = 2
+_PHOTOMETRIC_YCBCR = 6
+_FAST_VENDORS = ("aperio", "generic-tiff")
+
+
+class UnsupportedSlideError(SlideReadError):
+    """The fast path does not handle this file; use OpenSlide instead."""
+
+
+def default_threads() -> int:
+    """Decode threads per reader: the CPUs this process may use, at most 4.
+
+    More threads than that gain little for one 4096 px region and oversubscribe DataLoader
+    workers that each hold a reader.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(4, n))
+
+
+@dataclass(frozen=True)
+class _Level:
+    """Where the JPEG tiles of one pyramid level lie in the file."""
+
+    page: int  # index of the top-level IFD
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    tiles_across: int
+    tiles_down: int
+    offsets: np.ndarray  # int64 [tiles_down * tiles_across], row-major
+    bytecounts: np.ndarray  # int64, same order; 0 = missing tile
+    jpeg_tables: bytes | None
+    colorspace: str  # JPEG colour space from the photometric tag: "YCBCR" or "RGB"
+
+
+def _level_from_page(page, index: int) -> _Level:
+    """Describe one tiled TIFF page, or raise UnsupportedSlideError saying why it is not JPEG RGB."""
+    if not page.is_tiled:
+        raise UnsupportedSlideError(f"IFD {index} is not tiled")
+    if page.compression != _JPEG:
+        raise UnsupportedSlideError(
+            f"IFD {index} tiles are not JPEG (TIFF compression {int(page.compression)})"
+        )
+    if int(page.planarconfig) != 1:
+        raise UnsupportedSlideError(f"IFD {index} has separate colour planes")
+    if int(page.photometric) not in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR):
+        raise UnsupportedSlideError(
+            f"IFD {index} photometric {int(page.photometric)} is neither RGB nor YCbCr"
+        )
+    if page.bitspersample != 8 or page.samplesperpixel != 3:
+        raise UnsupportedSlideError(
+            f"IFD {index} has {page.samplesperpixel} samples of {page.bitspersample} bits, not 3x8"
+        )
+    if page.imagedepth != 1:
+        raise UnsupportedSlideError(f"IFD {index} has ImageDepth {page.imagedepth}")
+    tw, th = int(page.tilewidth), int(page.tilelength)
+    w, h = int(page.imagewidth), int(page.imagelength)
+    across, down = -(-w // tw), -(-h // th)
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    if offsets.size != across * down or counts.size != across * down:
+        raise UnsupportedSlideError(
+            f"IFD {index} lists {offsets.size} tiles, expected {across}x{down}"
+        )
+    tables = page.jpegtables
+    return _Level(
+        page=index,
+        width=w,
+        height=h,
+        tile_width=tw,
+        tile_height=th,
+        tiles_across=across,
+        tiles_down=down,
+        offsets=offsets,
+        bytecounts=counts,
+        jpeg_tables=bytes(tables) if tables else None,
+        colorspace="RGB" if int(page.photometric) == _PHOTOMETRIC_RGB else "YCBCR",
+    )
+
+
+def _scan(path: Path) -> tuple[str, list[_Level]]:
+    """The OpenSlide vendor and the pyramid levels OpenSlide would see, finest first.
+
+    Raises UnsupportedSlideError when any level is not one this reader decodes like OpenSlide.
+    """
+    import openslide
+    import tifffile
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure here just means "not ours"
+        raise UnsupportedSlideError(f"OpenSlide cannot detect the format ({exc})") from exc
+    if vendor not in _FAST_VENDORS:
+        raise UnsupportedSlideError(f"format {vendor or 'unknown'!r} is not Aperio or generic TIFF")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            levels: list[_Level] = []
+            for index, page in enumerate(tif.pages):
+                if vendor == "aperio":
+                    # OpenSlide's Aperio driver: every tiled IFD is a level, in file order; the
+                    # stripped ones are the thumbnail, label and macro.
+                    if not page.is_tiled:
+                        continue
+                    level = _level_from_page(page, index)
+                    if (level.bytecounts == 0).any():
+                        # OpenSlide repaints missing Aperio tiles from the finer level.
+                        raise UnsupportedSlideError(f"IFD {index} has zero-length tiles")
+                else:
+                    # generic-tiff: tiled IFDs that are the first image or reduced-resolution.
+                    if not page.is_tiled:
+                        continue
+                    if index != 0 and not (int(page.subfiletype) & 1):
+                        continue
+                    level = _level_from_page(page, index)
+                levels.append(level)
+    except UnsupportedSlideError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile's many error types
+        raise UnsupportedSlideError(f"tifffile cannot parse it ({exc})") from exc
+    if not levels:
+        raise UnsupportedSlideError("no tiled levels")
+    if vendor == "generic-tiff":
+        widths = [lv.width for lv in levels]
+        if len(set(widths)) != len(widths):
+            raise UnsupportedSlideError("two levels have the same width")
+        levels.sort(key=lambda lv: -lv.width)
+    return vendor, levels
+
+
+class TiffJpegReader:
+    """Read levels of a JPEG-tiled Aperio SVS or generic tiled TIFF by decoding tiles directly.
+
+    Implements :class:`hipt.readers.base.LevelReader` with ``name == "fast"``. Pixels equal
+    OpenSlide's ``read_region`` composited on white (see the module docstring for the one case
+    where they may not: level > 0 reads whose corner is not on a whole level pixel).
+
+    Parameters
+    ----------
+    path
+        The slide file.
+    threads
+        Tiles of one region decoded in parallel; ``None`` means :func:`default_threads`,
+        ``1`` decodes on the calling thread.
+
+    Raises
+    ------
+    UnsupportedSlideError
+        The file is not a JPEG-tiled Aperio or generic TIFF (check :meth:`supports` first, or
+        let :func:`hipt.readers.open_reader` choose).
+    SlideReadError
+        The file cannot be opened.
+
+    Examples
+    --------
+    >>> if TiffJpegReader.supports("slide.svs"):  # doctest: +SKIP
+    ...     with TiffJpegReader("slide.svs") as r:
+    ...         rgb = r.read_level(0, 1024, 2048, 4096, 4096)  # uint8 [4096, 4096, 3]
+    """
+
+    name = "fast"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self._threads = default_threads() if threads is None else max(1, int(threads))
+        self._fd: int | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        self._pool_lock = threading.Lock()
+        try:
+            self.vendor, self._levels = _scan(self.path)
+        except UnsupportedSlideError as exc:
+            raise UnsupportedSlideError(f"{self.path}: fast reader cannot read it: {exc}") from None
+        self.properties = self._openslide_properties()
+        self.level_count = len(self._levels)
+        self.level_dimensions = tuple((lv.width, lv.height) for lv in self._levels)
+        w0, h0 = self.level_dimensions[0]
+        # OpenSlide's formula for levels without a stated downsample (both of these formats).
+        self.level_downsamples = tuple(
+            1.0 if i == 0 else (h0 / lv.height + w0 / lv.width) / 2.0
+            for i, lv in enumerate(self._levels)
+        )
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as exc:
+            raise SlideReadError(f"{self.path}: cannot open: {exc.strerror}") from None
+
+    # -- discovery -------------------------------------------------------------------------
+
+    @staticmethod
+    def unsupported_reason(path: str | os.PathLike) -> str | None:
+        """Why the fast path cannot read ``path``, or ``None`` when it can."""
+        try:
+            _scan(Path(path))
+        except UnsupportedSlideError as exc:
+            return str(exc)
+        return None
+
+    @staticmethod
+    def supports(path: str | os.PathLike) -> bool:
+        """Whether ``path`` is an Aperio or generic TIFF whose every level is JPEG-tiled RGB.
+
+        Examples
+        --------
+        >>> TiffJpegReader.supports("slide.mrxs")  # doctest: +SKIP
+        False
+        """
+        return TiffJpegReader.unsupported_reason(path) is None
+
+    def _openslide_properties(self) -> dict[str, str]:
+        """OpenSlide's property map (µm/px, objective, vendor), read once; levels cross-checked."""
+        import openslide
+
+        try:
+            with openslide.OpenSlide(str(self.path)) as osr:
+                props = dict(osr.properties)
+                dims = tuple(tuple(int(v) for v in d) for d in osr.level_dimensions)
+        except Exception as exc:  # noqa: BLE001 - OpenSlideError, OSError, ...
+            raise SlideReadError(f"{self.path}: cannot read slide properties: {exc}") from None
+        mine = tuple((lv.width, lv.height) for lv in self._levels)
+        if dims != mine:
+            # A layout this reader misjudged: better to hand the slide to OpenSlide than differ.
+            raise UnsupportedSlideError(
+                f"{self.path}: fast reader sees levels {mine}, OpenSlide sees {dims}"
+            )
+        return props
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 ``[height, width, 3]`` of ``level`` with its top-left at level-0 ``(x0, y0)``.
+
+        Pixels outside the level are white. Equal to OpenSlide's ``read_region`` on white
+        whenever ``x0`` and ``y0`` fall on whole pixels of ``level``.
+
+        Raises
+        ------
+        SlideReadError
+            A tile cannot be read or decoded; the message names the slide, level and tile.
+        """
+        if self._fd is None:
+            raise SlideReadError(f"{self.path}: reader is closed")
+        if not 0 <= level < self.level_count:
+            raise SlideReadError(
+                f"{self.path}: level {level} out of range (slide has {self.level_count})"
+            )
+        if width < 0 or height < 0:
+            raise SlideReadError(f"{self.path}: negative size {width}x{height}")
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        ds = self.level_downsamples[level]
+        ox, lx = _start(int(x0), ds)
+        oy, ly = _start(int(y0), ds)
+        lv = self._levels[level]
+        # The visible window in level pixels: [cx0, cx1) x [cy0, cy1).
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + width - ox, lv.width), min(ly + height - oy, lv.height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        jobs = []
+        tw, th = lv.tile_width, lv.tile_height
+        for row in range(cy0 // th, (cy1 - 1) // th + 1):
+            ty0 = row * th
+            ys, ye = max(cy0, ty0), min(cy1, ty0 + th)
+            for col in range(cx0 // tw, (cx1 - 1) // tw + 1):
+                tx0 = col * tw
+                xs, xe = max(cx0, tx0), min(cx1, tx0 + tw)
+                jobs.append(
+                    (
+                        row * lv.tiles_across + col,
+                        (slice(ys - ty0, ye - ty0), slice(xs - tx0, xe - tx0)),
+                        (slice(ys - ly + oy, ye - ly + oy), slice(xs - lx + ox, xe - lx + ox)),
+                    )
+                )
+
+        def run(job: tuple) -> None:
+            index, src, dst = job
+            tile = self.decode_tile(level, index)
+            if tile is not None:
+                out[dst] = tile[src]
+
+        if self._threads == 1 or len(jobs) == 1:
+            for job in jobs:
+                run(job)
+        else:
+            # list() re-raises the first worker exception here, on the calling thread.
+            list(self._executor().map(run, jobs))
+        return out
+
+    def read_tile_bytes(self, level: int, index: int) -> bytes | None:
+        """Raw JPEG bytes of tile ``index`` (row-major) of ``level``; ``None`` for a missing tile."""
+        lv = self._levels[level]
+        count = int(lv.bytecounts[index])
+        if count == 0:
+            return None
+        offset = int(lv.offsets[index])
+        try:
+            data = os.pread(self._fd, count, offset)
+        except OSError as exc:
+            raise SlideReadError(self._tile_message(level, index, exc.strerror)) from None
+        if len(data) != count:
+            raise SlideReadError(
+                self._tile_message(level, index, f"file ends early ({len(data)}/{count} bytes)")
+            )
+        return data
+
+    def decode_tile(self, level: int, index: int) -> np.ndarray | None:
+        """Decoded RGB tile ``[tile_height, tile_width, 3]`` (padding included), or ``None``."""
+        import imagecodecs
+
+        data = self.read_tile_bytes(level, index)
+        if data is None:
+            return None
+        lv = self._levels[level]
+        try:
+            tile = imagecodecs.jpeg8_decode(
+                data, tables=lv.jpeg_tables, colorspace=lv.colorspace, outcolorspace="RGB"
+            )
+        except Exception as exc:  # noqa: BLE001 - Jpeg8Error and friends
+            raise SlideReadError(
+                self._tile_message(level, index, f"JPEG decode failed: {exc}")
+            ) from None
+        if tile.shape != (lv.tile_height, lv.tile_width, 3):
+            raise SlideReadError(
+                self._tile_message(
+                    level,
+                    index,
+                    f"decoded shape {tile.shape} is not {lv.tile_height}x{lv.tile_width}x3",
+                )
+            )
+        return tile
+
+    def tile_grid(self, level: int) -> tuple[int, int, int, int]:
+        """``(tile_width, tile_height, tiles_across, tiles_down)`` of ``level``."""
+        lv = self._levels[level]
+        return lv.tile_width, lv.tile_height, lv.tiles_across, lv.tiles_down
+
+    def jpeg_info(self, level: int) -> tuple[bytes | None, str]:
+        """``(JPEGTables or None, JPEG colour space "YCBCR"/"RGB")`` of ``level``."""
+        lv = self._levels[level]
+        return lv.jpeg_tables, lv.colorspace
+
+    def _tile_message(self, level: int, index: int, problem: str) -> str:
+        lv = self._levels[level]
+        col, row = index % lv.tiles_across, index // lv.tiles_across
+        return (
+            f"{self.path}: corrupt tile at level {level}, tile {index} "
+            f"(column {col}, row {row}): {problem}"
+        )
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # A pool inherited through fork has no threads behind it: make a fresh one per process.
+        pid = os.getpid()
+        if self._pool is None or self._pool_pid != pid:
+            with self._pool_lock:
+                if self._pool is None or self._pool_pid != pid:
+                    self._pool = ThreadPoolExecutor(
+                        max_workers=self._threads, thread_name_prefix="hipt-jpeg"
+                    )
+                    self._pool_pid = pid
+        return self._pool
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file descriptor and the decode threads; safe to call twice."""
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True)
+        self._pool = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> TiffJpegReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __reduce__(self):
+        # Each process gets its own descriptor and pool.
+        return (type(self), (str(self.path), self._threads))
+
+    def __repr__(self) -> str:
+        return (
+            f"TiffJpegReader({str(self.path)!r}, levels={self.level_count}, vendor={self.vendor!r})"
+        )
+
+
+def _start(coord: int, downsample: float) -> tuple[int, int]:
+    """(output offset, first level pixel) of a read starting at level-0 ``coord``.
+
+    Negative corners follow OpenSlide: shift the output by ``int(-coord / downsample)`` and start
+    at level pixel 0. Positive ones snap ``coord / downsample`` to the nearest level pixel.
+    """
+    if coord < 0:
+        return int(-coord / downsample), 0
+    return 0, int(math.floor(coord / downsample + 0.5))
