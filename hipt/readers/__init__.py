@@ -4,6 +4,52 @@ A reader exposes the pyramid of one slide file and reads rectangles of one level
 general reader; a fast path for JPEG-tiled TIFFs may take over where it applies.
 """
 
+from __future__ import annotations
+
+import os
+
 from hipt.readers.base import LevelReader, SlideReadError
 
-__all__ = ["LevelReader", "SlideReadError"]
+READERS = ("auto", "openslide", "fast")
+
+
+def open_reader(path: str | os.PathLike, reader: str = "auto") -> LevelReader:
+    """Open ``path`` with the named reader.
+
+    Parameters
+    ----------
+    path : path-like
+        The slide file.
+    reader : {"auto", "openslide", "fast"}
+        ``"openslide"`` reads every format OpenSlide knows; ``"fast"`` decodes JPEG-tiled TIFFs
+        directly; ``"auto"`` picks the best reader for the file (OpenSlide for now).
+
+    Raises
+    ------
+    SlideReadError
+        The file cannot be opened; the message names it.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from hipt.synthetic import write_generic_tiff
+    >>> p = write_generic_tiff(pathlib.Path(tempfile.mkdtemp()) / "s.tiff", 1024, 1024).path
+    >>> r = open_reader(p, "openslide")
+    >>> r.name, r.level_dimensions[0]
+    ('openslide', (1024, 1024))
+    >>> r.close()
+    """
+    if reader not in READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {READERS}")
+    if reader == "fast":
+        try:
+            from hipt.readers import tiff_jpeg
+        except ImportError as exc:
+            raise SlideReadError(f"{path}: the fast reader is not available ({exc})") from None
+        return tiff_jpeg.open(path)  # type: ignore[attr-defined]
+    from hipt.readers.openslide_reader import OpenSlideReader
+
+    return OpenSlideReader(path)
+
+
+__all__ = ["READERS", "LevelReader", "SlideReadError", "open_reader"]

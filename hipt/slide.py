@@ -1,0 +1,287 @@
+"""A whole-slide image read at an exact µm/px.
+
+:class:`Slide` wraps a pixel reader (:func:`hipt.readers.open_reader`), works out the level-0
+µm/px and where that number came from, and reads any level-0 square at a target µm/px: from the
+finest pyramid level that is not coarser than the target, then area-averaged down to size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hipt.readers import SlideReadError, open_reader
+
+# A level-0 µm/px outside this range is metadata nonsense (72 dpi gives 352 µm/px).
+PLAUSIBLE_MPP = (0.02, 50.0)
+# µm/px and objective power may disagree by this factor before we call the metadata suspicious.
+SUSPICIOUS_RATIO = 1.5
+# A single-level slide larger than this (longest side, px) is read slowly: warn.
+NO_PYRAMID_WARN_PX = 1024
+
+
+class MppError(SlideReadError):
+    """The slide's µm/px is missing or suspicious; the message says how to fix it (``--mpp``)."""
+
+
+class SlowReadWarning(UserWarning):
+    """The slide has no pyramid, so low-resolution reads decode level 0."""
+
+
+def _float(props: dict[str, str], key: str) -> float | None:
+    try:
+        value = float(props[key])
+    except (KeyError, ValueError, TypeError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _plausible(mpp: float | None) -> bool:
+    return mpp is not None and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]
+
+
+def mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str | None, float | None]:
+    """Find the level-0 µm/px in OpenSlide-style properties.
+
+    Returns ``(mpp, source, objective_power)``; ``mpp`` and ``source`` are None when no usable
+    value is found. Sources, in order: ``openslide.mpp-x``, the TIFF resolution tags
+    (``tiff.XResolution`` with ``tiff.ResolutionUnit``), then ``openslide.objective-power``
+    (µm/px ≈ 10 / power). Values outside a plausible range (e.g. a 72 dpi default) are skipped.
+
+    Examples
+    --------
+    >>> mpp_from_properties({"openslide.mpp-x": "0.25", "openslide.objective-power": "40"})
+    (0.25, 'openslide.mpp-x', 40.0)
+    >>> mpp_from_properties({"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"})
+    (None, None, None)
+    """
+    power = _float(props, "openslide.objective-power")
+    mpp = _float(props, "openslide.mpp-x")
+    if _plausible(mpp):
+        return mpp, "openslide.mpp-x", power
+    res = _float(props, "tiff.XResolution")
+    unit = props.get("tiff.ResolutionUnit", "").strip().lower()
+    um_per_unit = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "3": 1e4, "2": 25400.0}
+    if res is not None and unit in um_per_unit:
+        mpp = um_per_unit[unit] / res
+        if _plausible(mpp):
+            return mpp, "tiff.XResolution", power
+    if power is not None and 0.5 <= power <= 200:
+        return 10.0 / power, "openslide.objective-power", power
+    return None, None, power
+
+
+class Slide:
+    """One whole-slide image with a known level-0 µm/px.
+
+    Parameters
+    ----------
+    path : path-like
+        The slide file (any format the reader opens).
+    mpp : float, optional
+        Level-0 µm/px given by the user; overrides the metadata (``mpp_source == "user"``).
+    trust_metadata : bool
+        Accept a µm/px that disagrees with the objective power by more than 1.5×.
+    reader : {"auto", "openslide", "fast"}
+        Which pixel reader to use (see :func:`hipt.readers.open_reader`).
+
+    Raises
+    ------
+    SlideReadError
+        The file cannot be opened; :class:`MppError` if its µm/px is missing or suspicious.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from hipt.synthetic import write_svs
+    >>> p = write_svs(pathlib.Path(tempfile.mkdtemp()) / "s.svs", 2048, 2048, mpp=0.25).path
+    >>> with Slide(p) as s:
+    ...     print(s.mpp_level0, s.mpp_source, s.best_level_for(0.5))
+    ...     print(s.read_region(0, 0, size_px=256, target_mpp=0.5).shape)
+    0.25 openslide.mpp-x 0
+    (256, 256, 3)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        mpp: float | None = None,
+        trust_metadata: bool = False,
+        reader: str = "auto",
+    ) -> None:
+        self.path = Path(path)
+        self.slide_id = self.path.stem
+        self._reader = open_reader(self.path, reader)
+        try:
+            self._init_geometry(mpp, trust_metadata)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_geometry(self, mpp: float | None, trust_metadata: bool) -> None:
+        r = self._reader
+        self.reader_name: str = r.name
+        self.properties: dict[str, str] = dict(r.properties)
+        self.level_count: int = int(r.level_count)
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (int(w), int(h)) for w, h in r.level_dimensions
+        )
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in r.level_downsamples)
+        self.dimensions: tuple[int, int] = self.level_dimensions[0]
+        found, source, power = mpp_from_properties(self.properties)
+        self.objective_power: float | None = power
+        if mpp is not None:
+            if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
+                raise MppError(f"{self.path}: --mpp must be a positive number, got {mpp!r}")
+            self.mpp_level0, self.mpp_source = float(mpp), "user"
+        elif found is None:
+            raise MppError(
+                f"{self.path}: no µm/px in its metadata (no openslide.mpp-x, resolution tags or "
+                "objective power); pass --mpp with the scan's level-0 µm/px"
+            )
+        else:
+            self.mpp_level0, self.mpp_source = float(found), str(source)
+            if power is not None and source != "openslide.objective-power":
+                expected = 10.0 / power
+                ratio = max(found / expected, expected / found)
+                if ratio > SUSPICIOUS_RATIO:
+                    msg = (
+                        f"{self.path}: suspicious µm/px: {found:g} from {source} but objective "
+                        f"power {power:g}x implies about {expected:g}"
+                    )
+                    if not trust_metadata:
+                        raise MppError(
+                            msg + "; pass --mpp to set it or --trust-metadata to accept it"
+                        )
+                    warnings.warn(msg + "; trusted (--trust-metadata)", stacklevel=3)
+        if self.level_count == 1 and max(self.dimensions) > NO_PYRAMID_WARN_PX:
+            warnings.warn(
+                f"{self.path}: has no pyramid (one level of {self.dimensions[0]}x"
+                f"{self.dimensions[1]} px); low-resolution reads decode level 0 and are slow",
+                SlowReadWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the reader (safe to call twice)."""
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.close()
+            self._reader = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]} px, "
+            f"{self.mpp_level0:g} µm/px from {self.mpp_source}, reader={self.reader_name})"
+        )
+
+    # ------------------------------------------------------------------ geometry
+    def level_mpp(self, level: int) -> float:
+        """µm/px of ``level``."""
+        return self.mpp_level0 * self.level_downsamples[level]
+
+    def best_level_for(self, target_mpp: float) -> int:
+        """The finest level not coarser than ``target_mpp`` (the closest one from below).
+
+        Level 0 when the target is finer than level 0 (the read is then upsampled).
+        """
+        best = 0
+        for level in range(self.level_count):
+            # A tiny tolerance: a level at 0.50000001 µm/px serves a 0.5 target.
+            if self.level_mpp(level) <= target_mpp * (1 + 1e-6):
+                best = level
+        return best
+
+    def region_size_level0(self, size_px: int = 4096, target_mpp: float = 0.5) -> float:
+        """Level-0 side (px) of a ``size_px`` square at ``target_mpp``."""
+        return size_px * target_mpp / self.mpp_level0
+
+    def thumbnail_level(self, max_px: int) -> int:
+        """The finest level whose longest side is at most ``max_px`` (else the coarsest level)."""
+        for level in range(self.level_count):
+            if max(self.level_dimensions[level]) <= max_px:
+                return level
+        return self.level_count - 1
+
+    # ------------------------------------------------------------------ pixels
+    def _require_open(self) -> None:
+        if self._reader is None:
+            raise SlideReadError(f"{self.path}: slide is closed")
+
+    def read_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 ``[height, width, 3]`` of ``level`` with top-left at level-0 ``(x0, y0)``."""
+        self._require_open()
+        return self._reader.read_level(level, int(x0), int(y0), int(width), int(height))
+
+    def read_region(
+        self, x0: int, y0: int, size_px: int = 4096, target_mpp: float = 0.5
+    ) -> np.ndarray:
+        """Read the level-0 square at ``(x0, y0)`` as ``size_px`` × ``size_px`` at ``target_mpp``.
+
+        The square's level-0 side is ``size_px * target_mpp / mpp_level0``. It is read from
+        :meth:`best_level_for` and area-averaged down (``Image.reduce`` for integer factors,
+        a box filter otherwise). Outside the slide is white.
+
+        Returns
+        -------
+        ndarray
+            uint8 ``[size_px, size_px, 3]`` RGB.
+        """
+        level = self.best_level_for(target_mpp)
+        ds = self.level_downsamples[level]
+        side_level = self.region_size_level0(size_px, target_mpp) / ds
+        n = int(math.ceil(side_level - 1e-6))
+        pixels = self.read_level(level, x0, y0, n, n)
+        if n == size_px and abs(side_level - size_px) < 1e-6:
+            return pixels
+        img = Image.fromarray(pixels)
+        factor = side_level / size_px
+        k = round(factor)
+        if k >= 2 and abs(factor - k) < 1e-6 and n == k * size_px:
+            out = img.reduce(k)
+        else:
+            out = img.resize(
+                (size_px, size_px), Image.Resampling.BOX, box=(0, 0, side_level, side_level)
+            )
+        return np.asarray(out)
+
+    def thumbnail(self, max_px: int = 2048) -> tuple[np.ndarray, float]:
+        """A low-resolution RGB image of the whole slide and its level-0 downsample.
+
+        Reads :meth:`thumbnail_level`; if that level is still larger than ``max_px`` (no pyramid),
+        reads it in strips and area-averages each, so memory stays bounded.
+
+        Returns
+        -------
+        image : ndarray
+            uint8 ``[h, w, 3]``.
+        downsample : float
+            Level-0 pixels per thumbnail pixel (same on both axes).
+        """
+        level = self.thumbnail_level(max_px)
+        w, h = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        k = max(1, int(math.ceil(max(w, h) / max_px)))
+        if k == 1:
+            return self.read_level(level, 0, 0, w, h), ds
+        out_w, out_h = -(-w // k), -(-h // k)
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        rows_per_strip = max(1, 4096 // k)
+        for r0 in range(0, out_h, rows_per_strip):
+            r1 = min(out_h, r0 + rows_per_strip)
+            strip = self.read_level(level, 0, int(round(r0 * k * ds)), out_w * k, (r1 - r0) * k)
+            out[r0:r1] = np.asarray(Image.fromarray(strip).reduce(k))
+        return out, ds * k

@@ -1,0 +1,523 @@
+"""Generated whole-slide images for tests, demos and benchmarks.
+
+Every slide is rendered from one procedural *tissue model* defined in physical units (µm), so
+two scans of the same model at different µm/px show the same tissue. Levels are rendered tile by
+tile straight into the TIFF writer, so memory stays bounded whatever the slide size (a
+100,000 × 100,000 px slide is written without a full-size array).
+
+The writers return a :class:`SyntheticSlide` that knows the true tissue mask, so tests can
+check segmentation, region counts and coordinates against the real geometry.
+
+Examples
+--------
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> s = write_generic_tiff(d / "a.tiff", 2048, 1536, mpp=0.5, seed=1)
+>>> s.width_px, s.height_px, s.mpp
+(2048, 1536, 0.5)
+>>> s.tissue_mask(mask_mpp=32.0).shape
+(48, 64)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+# Colours of the stains and the glass (RGB).
+GLASS_RGB = np.array([242.0, 241.0, 244.0])
+EOSIN_RGB = np.array([232.0, 150.0, 190.0])
+HEMATOXYLIN_RGB = np.array([155.0, 95.0, 175.0])
+NUCLEUS_RGB = np.array([75.0, 35.0, 120.0])
+PEN_RGB = {
+    "blue": np.array([35.0, 60.0, 190.0]),
+    "green": np.array([30.0, 140.0, 70.0]),
+    "black": np.array([25.0, 25.0, 30.0]),
+}
+
+NUCLEUS_CELL_UM = 14.0  # one candidate nucleus per cell of this side
+FIELD_STEP_UM = 64.0  # grid spacing of the smooth tissue/stain fields
+EDGE_SOFTNESS_UM = 1.0  # anti-aliasing width of nuclei and pen edges
+
+
+# ------------------------------------------------------------------------------ tissue model
+def _hash_uniform(ix: np.ndarray, iy: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """A deterministic uniform [0, 1) value per integer cell (splitmix64-style mixing)."""
+    with np.errstate(over="ignore"):
+        h = (ix.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
+            iy.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+        )
+        h ^= np.uint64((seed * 0x165667B19E3779F9 + salt * 0x27D4EB2F165667C5) & (2**64 - 1))
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return (h >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def _interp_matrix(centres_um: np.ndarray, step_um: float, n_nodes: int) -> np.ndarray:
+    """Linear-interpolation weights ``[len(centres), n_nodes]`` from a 1-D grid of nodes."""
+    pos = np.clip(centres_um / step_um, 0, n_nodes - 1)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n_nodes - 2)
+    frac = pos - i0
+    w = np.zeros((len(centres_um), n_nodes))
+    rows = np.arange(len(centres_um))
+    w[rows, i0] = 1 - frac
+    w[rows, i0 + 1] = frac
+    return w
+
+
+@dataclass
+class PenStroke:
+    """A straight pen stroke in µm: from ``p0`` to ``p1``, ``width_um`` wide."""
+
+    p0: tuple[float, float]
+    p1: tuple[float, float]
+    width_um: float
+    colour: str
+
+
+@dataclass
+class TissueModel:
+    """Procedural H&E-like tissue on glass over ``width_um`` × ``height_um``, fixed by ``seed``.
+
+    Tissue is where a smooth field (a few elliptical blobs plus low-frequency noise, on a
+    ``FIELD_STEP_UM`` grid, linearly interpolated) is positive. Stain density is a second smooth
+    field; nuclei sit on a hashed cell grid. Everything is a function of physical position, so
+    any µm/px renders the same tissue.
+    """
+
+    width_um: float
+    height_um: float
+    seed: int = 0
+    n_blobs: int = 3
+    blank: bool = False
+    pen_marks: bool = False
+    nuclei: bool = True
+    blob_scale: float = 1.0
+    strokes: list[PenStroke] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.seed)
+        self.nx = int(math.ceil(self.width_um / FIELD_STEP_UM)) + 2
+        self.ny = int(math.ceil(self.height_um / FIELD_STEP_UM)) + 2
+        gx = np.arange(self.nx) * FIELD_STEP_UM
+        gy = np.arange(self.ny) * FIELD_STEP_UM
+        xx, yy = np.meshgrid(gx, gy)
+        f = np.full(xx.shape, -1.0)
+        if not self.blank:
+            for _ in range(self.n_blobs):
+                # Blobs stay well inside the slide so the glass border is real.
+                cx = rng.uniform(0.3, 0.7) * self.width_um
+                cy = rng.uniform(0.3, 0.7) * self.height_um
+                a = rng.uniform(0.12, 0.25) * self.width_um * self.blob_scale
+                b = rng.uniform(0.12, 0.25) * self.height_um * self.blob_scale
+                t = rng.uniform(0, math.pi)
+                dx, dy = xx - cx, yy - cy
+                u = (dx * math.cos(t) + dy * math.sin(t)) / a
+                v = (-dx * math.sin(t) + dy * math.cos(t)) / b
+                f = np.maximum(f, 1.0 - u * u - v * v)
+            f = f + 0.25 * rng.standard_normal(f.shape)
+        self.tissue_field = f
+        self.stain_field = rng.uniform(0.0, 1.0, size=(self.ny, self.nx))
+        if self.pen_marks and not self.strokes:
+            for colour in ("blue", "green", "black"):
+                x0 = rng.uniform(0.05, 0.95) * self.width_um
+                y0 = rng.uniform(0.05, 0.95) * self.height_um
+                ang = rng.uniform(0, math.pi)
+                length = rng.uniform(0.15, 0.3) * min(self.width_um, self.height_um)
+                self.strokes.append(
+                    PenStroke(
+                        (x0, y0),
+                        (x0 + length * math.cos(ang), y0 + length * math.sin(ang)),
+                        width_um=0.01 * min(self.width_um, self.height_um) + 20.0,
+                        colour=colour,
+                    )
+                )
+
+    # The fields are sampled at pixel centres: (i + 0.5) * mpp µm.
+    def _centres(self, start_px: int, n: int, mpp: float) -> np.ndarray:
+        return (np.arange(start_px, start_px + n) + 0.5) * mpp
+
+    def _smooth(self, grid: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        wy = _interp_matrix(ys, FIELD_STEP_UM, self.ny)
+        wx = _interp_matrix(xs, FIELD_STEP_UM, self.nx)
+        # Only the nodes the tile touches take part: keeps the product small on huge slides.
+        cols = np.flatnonzero(wx.any(axis=0))
+        rows = np.flatnonzero(wy.any(axis=0))
+        sub = grid[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        return wy[:, rows[0] : rows[-1] + 1] @ sub @ wx[:, cols[0] : cols[-1] + 1].T
+
+    def tissue_alpha(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> np.ndarray:
+        """Tissue coverage in [0, 1] of the pixels of a rectangle at ``mpp`` (soft edge)."""
+        xs, ys = self._centres(x0_px, w, mpp), self._centres(y0_px, h, mpp)
+        inside = (xs < self.width_um)[None, :] & (ys < self.height_um)[:, None]
+        f = self._smooth(self.tissue_field, xs, ys)
+        # Soft edge about 4 µm wide, so differently sampled scans agree after averaging.
+        alpha = np.clip(f / 0.02 + 0.5, 0.0, 1.0)
+        return np.where(inside, alpha, 0.0)
+
+    def mask(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> np.ndarray:
+        """True tissue mask (boolean) of a rectangle sampled at ``mpp``."""
+        return self.tissue_alpha(x0_px, y0_px, w, h, mpp) >= 0.5
+
+    def render(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> np.ndarray:
+        """RGB uint8 ``[h, w, 3]`` of the rectangle whose top-left pixel is ``(x0_px, y0_px)``."""
+        xs, ys = self._centres(x0_px, w, mpp), self._centres(y0_px, h, mpp)
+        alpha = self.tissue_alpha(x0_px, y0_px, w, h, mpp)
+        img = np.empty((h, w, 3), dtype=np.float32)
+        img[:] = GLASS_RGB
+        if alpha.any():
+            stain = np.clip(self._smooth(self.stain_field, xs, ys), 0, 1)[..., None]
+            tissue = (1 - stain) * EOSIN_RGB + stain * HEMATOXYLIN_RGB
+            if self.nuclei and mpp < 4.0:
+                nuc = self._nuclei_alpha(xs, ys)[..., None]
+                tissue = (1 - nuc) * tissue + nuc * NUCLEUS_RGB
+            a = alpha[..., None]
+            img = (1 - a) * img + a * tissue
+        for s in self.strokes:
+            pen = self._stroke_alpha(s, xs, ys)
+            if pen is not None:
+                img = (1 - pen[..., None]) * img + pen[..., None] * PEN_RGB[s.colour]
+        return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+    def _nuclei_alpha(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        cell = NUCLEUS_CELL_UM
+        cx, cy = np.floor(xs / cell).astype(np.int64), np.floor(ys / cell).astype(np.int64)
+        ix, iy = np.meshgrid(cx, cy)
+        present = _hash_uniform(ix, iy, self.seed, 1) < 0.55
+        radius = 2.5 + 1.5 * _hash_uniform(ix, iy, self.seed, 2)
+        # The centre keeps the nucleus inside its own cell, so one cell lookup per pixel suffices.
+        ox = radius + (cell - 2 * radius) * _hash_uniform(ix, iy, self.seed, 3)
+        oy = radius + (cell - 2 * radius) * _hash_uniform(ix, iy, self.seed, 4)
+        dx = (xs - cx * cell)[None, :] - ox
+        dy = (ys - cy * cell)[:, None] - oy
+        d = np.sqrt(dx * dx + dy * dy)
+        a = np.clip((radius - d) / EDGE_SOFTNESS_UM + 0.5, 0.0, 1.0)
+        return np.where(present, 0.85 * a, 0.0)
+
+    def _stroke_alpha(self, s: PenStroke, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+        half = s.width_um / 2 + EDGE_SOFTNESS_UM
+        (ax, ay), (bx, by) = s.p0, s.p1
+        if (
+            xs[-1] < min(ax, bx) - half
+            or xs[0] > max(ax, bx) + half
+            or ys[-1] < min(ay, by) - half
+            or ys[0] > max(ay, by) + half
+        ):
+            return None
+        px, py = xs[None, :] - ax, ys[:, None] - ay
+        vx, vy = bx - ax, by - ay
+        t = np.clip((px * vx + py * vy) / (vx * vx + vy * vy), 0, 1)
+        d = np.hypot(px - t * vx, py - t * vy)
+        return np.clip((s.width_um / 2 - d) / EDGE_SOFTNESS_UM + 0.5, 0.0, 1.0)
+
+    def pen_mask(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> np.ndarray:
+        """Where pen strokes cover the rectangle (boolean)."""
+        xs, ys = self._centres(x0_px, w, mpp), self._centres(y0_px, h, mpp)
+        out = np.zeros((h, w), dtype=bool)
+        for s in self.strokes:
+            a = self._stroke_alpha(s, xs, ys)
+            if a is not None:
+                out |= a >= 0.5
+        return out
+
+
+# ------------------------------------------------------------------------------ written slides
+@dataclass
+class SyntheticSlide:
+    """A generated slide on disk and the truth about it.
+
+    ``mpp`` is the true level-0 µm/px (what the scan really is), even when the file does not
+    record it. ``level_downsamples`` are the pyramid levels written.
+    """
+
+    path: Path
+    width_px: int
+    height_px: int
+    mpp: float
+    model: TissueModel
+    level_downsamples: tuple[int, ...] = (1,)
+    kind: str = "generic-tiff"
+
+    @property
+    def slide_id(self) -> str:
+        return self.path.stem
+
+    def tissue_mask(self, mask_mpp: float = 16.0) -> np.ndarray:
+        """The true tissue mask sampled at ``mask_mpp`` over the whole slide (row = y)."""
+        w = int(math.ceil(self.width_px * self.mpp / mask_mpp))
+        h = int(math.ceil(self.height_px * self.mpp / mask_mpp))
+        return self.model.mask(0, 0, w, h, mask_mpp)
+
+    def tissue_bbox_level0(self, mask_mpp: float = 4.0) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` level-0 bounding box of the true tissue (``x1``/``y1`` exclusive)."""
+        m = self.tissue_mask(mask_mpp)
+        if not m.any():
+            raise ValueError(f"{self.path}: has no tissue")
+        ys, xs = np.nonzero(m)
+        f = mask_mpp / self.mpp
+        return (
+            int(xs.min() * f),
+            int(ys.min() * f),
+            min(self.width_px, int(math.ceil((xs.max() + 1) * f))),
+            min(self.height_px, int(math.ceil((ys.max() + 1) * f))),
+        )
+
+
+def _tiles(
+    model: TissueModel, width: int, height: int, mpp: float, tile: int
+) -> Iterator[np.ndarray]:
+    """Row-major tiles of one level, each a full ``tile`` square (edges padded with glass)."""
+    blank: np.ndarray | None = None
+    for ty in range(0, height, tile):
+        for tx in range(0, width, tile):
+            # Tiles with no tissue and no pen share one array: most of a big slide is glass.
+            if not model.strokes and not model.tissue_alpha(tx, ty, tile, tile, mpp).any():
+                if blank is None:
+                    blank = model.render(tx, ty, tile, tile, mpp)
+                    blank[:] = GLASS_RGB.astype(np.uint8)
+                yield blank
+                continue
+            yield model.render(tx, ty, tile, tile, mpp)
+
+
+def _levels(width: int, height: int, factor: int, min_side: int) -> list[int]:
+    """Downsamples 1, f, f², ... while the level's shorter side stays at least ``min_side``."""
+    out = [1]
+    while min(width, height) // (out[-1] * factor) >= min_side:
+        out.append(out[-1] * factor)
+    return out
+
+
+def _write_level(
+    tif: tifffile.TiffWriter,
+    model: TissueModel,
+    width: int,
+    height: int,
+    mpp: float,
+    tile: int,
+    **kwargs,
+) -> None:
+    tif.write(
+        _tiles(model, width, height, mpp, tile),
+        shape=(height, width, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 90},
+        metadata=None,
+        **kwargs,
+    )
+
+
+def _model_for(width_px: int, height_px: int, mpp: float, seed: int, **kw) -> TissueModel:
+    return TissueModel(width_um=width_px * mpp, height_um=height_px * mpp, seed=seed, **kw)
+
+
+def write_generic_tiff(
+    path: str | os.PathLike,
+    width_px: int,
+    height_px: int,
+    *,
+    mpp: float = 0.5,
+    seed: int = 0,
+    resolution_tags: bool = True,
+    pyramid: bool = True,
+    tile_px: int = 512,
+    level_factor: int = 2,
+    min_level_side_px: int = 256,
+    model: TissueModel | None = None,
+    **model_kw,
+) -> SyntheticSlide:
+    """Write a JPEG-tiled pyramidal TIFF that OpenSlide reads as ``generic-tiff``.
+
+    Every level is a top-level IFD (``subfiletype`` 0 then 1); resolution tags in pixels per cm
+    carry ``mpp`` unless ``resolution_tags`` is False. ``pyramid=False`` writes level 0 only.
+    Extra keywords go to :class:`TissueModel` (``pen_marks``, ``blank``, ``n_blobs``, ...).
+    """
+    path = Path(path)
+    model = model or _model_for(width_px, height_px, mpp, seed, **model_kw)
+    downs = _levels(width_px, height_px, level_factor, min_level_side_px) if pyramid else [1]
+    bigtiff = width_px * height_px > 2**31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
+        for i, d in enumerate(downs):
+            w, h = -(-width_px // d), -(-height_px // d)
+            res: dict = {}
+            if resolution_tags:
+                px_per_cm = 1e4 / (mpp * d)
+                res = dict(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
+            _write_level(tif, model, w, h, mpp * d, tile_px, subfiletype=0 if i == 0 else 1, **res)
+    return SyntheticSlide(path, width_px, height_px, mpp, model, tuple(downs), "generic-tiff")
+
+
+def write_svs(
+    path: str | os.PathLike,
+    width_px: int,
+    height_px: int,
+    *,
+    mpp: float = 0.25,
+    seed: int = 0,
+    app_mag: float | None = None,
+    description_mpp: float | None = None,
+    level_factor: int = 4,
+    min_level_side_px: int = 256,
+    model: TissueModel | None = None,
+    **model_kw,
+) -> SyntheticSlide:
+    """Write an Aperio-style SVS: ImageDescription with ``MPP`` and ``AppMag``, 256 px tiles.
+
+    Layout: level 0 (tiled), a stripped thumbnail, the lower levels (tiled), then a label image.
+    ``app_mag`` defaults to ``10 / mpp`` (40 for 0.25 µm/px); ``description_mpp`` overrides the
+    recorded MPP (to make suspicious metadata).
+    """
+    path = Path(path)
+    model = model or _model_for(width_px, height_px, mpp, seed, **model_kw)
+    app_mag = round(10.0 / mpp) if app_mag is None else app_mag
+    rec_mpp = mpp if description_mpp is None else description_mpp
+    downs = _levels(width_px, height_px, level_factor, min_level_side_px)
+    head = "Aperio Image Library v12.0.15 \r\n"
+    bigtiff = width_px * height_px > 2**31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
+        for i, d in enumerate(downs):
+            w, h = -(-width_px // d), -(-height_px // d)
+            if i == 0:
+                desc = (
+                    f"{head}{width_px}x{height_px} [0,0 {width_px}x{height_px}] (256x256) "
+                    f"JPEG/RGB Q=90|AppMag = {app_mag:g}|MPP = {rec_mpp:g}"
+                )
+            else:
+                desc = f"{head}{width_px}x{height_px} -> {w}x{h} - |AppMag = {app_mag:g}|MPP = {rec_mpp * d:g}"
+            _write_level(tif, model, w, h, mpp * d, 256, description=desc)
+            if i == 0:
+                # Aperio's second IFD is a small stripped thumbnail.
+                scale = max(width_px, height_px) / 512
+                tw, th = max(1, int(width_px / scale)), max(1, int(height_px / scale))
+                thumb = model.render(0, 0, tw, th, mpp * width_px / tw)
+                tif.write(thumb, photometric="rgb", description=f"{head}{tw}x{th}", metadata=None)
+        label = np.full((128, 128, 3), 255, dtype=np.uint8)
+        tif.write(
+            label,
+            photometric="rgb",
+            subfiletype=1,
+            description=f"{head}label 128x128",
+            metadata=None,
+        )
+    return SyntheticSlide(path, width_px, height_px, mpp, model, tuple(downs), "aperio")
+
+
+# ------------------------------------------------------------------------------ special cases
+def write_no_mpp_tiff(
+    path: str | os.PathLike, width_px: int = 2048, height_px: int = 2048, **kw
+) -> SyntheticSlide:
+    """A pyramidal TIFF with no µm/px anywhere (no resolution tags, no description)."""
+    return write_generic_tiff(path, width_px, height_px, resolution_tags=False, **kw)
+
+
+def write_tiny_biopsy(
+    path: str | os.PathLike, width_px: int = 1600, height_px: int = 1200, *, mpp: float = 0.5, **kw
+) -> SyntheticSlide:
+    """A slide smaller than one 4096 px region at 0.5 µm/px, with one small tissue fragment."""
+    kw.setdefault("n_blobs", 1)
+    return write_generic_tiff(path, width_px, height_px, mpp=mpp, **kw)
+
+
+def write_single_level_tiff(
+    path: str | os.PathLike, width_px: int = 2048, height_px: int = 2048, **kw
+) -> SyntheticSlide:
+    """A non-pyramidal tiled TIFF (level 0 only)."""
+    return write_generic_tiff(path, width_px, height_px, pyramid=False, **kw)
+
+
+def write_blank_slide(
+    path: str | os.PathLike, width_px: int = 2048, height_px: int = 2048, **kw
+) -> SyntheticSlide:
+    """A pyramidal TIFF of bare glass: no tissue anywhere."""
+    return write_generic_tiff(path, width_px, height_px, blank=True, **kw)
+
+
+def write_suspicious_mpp_svs(
+    path: str | os.PathLike, width_px: int = 2048, height_px: int = 2048, **kw
+) -> SyntheticSlide:
+    """An SVS whose MPP (0.25) disagrees with its AppMag (10×, i.e. about 1 µm/px) by 4×."""
+    kw.setdefault("mpp", 0.25)
+    kw.setdefault("app_mag", 10)
+    return write_svs(path, width_px, height_px, **kw)
+
+
+def write_not_a_slide(path: str | os.PathLike) -> Path:
+    """A text file with a slide's extension (e.g. ``notes.svs``)."""
+    path = Path(path)
+    path.write_text("This is not a slide; it is a text file with a .svs name.\n")
+    return path
+
+
+def write_truncated_tiff(
+    path: str | os.PathLike, width_px: int = 2048, height_px: int = 2048, keep: float = 0.5, **kw
+) -> Path:
+    """A pyramidal TIFF cut to ``keep`` of its bytes, as after an interrupted copy."""
+    path = Path(path)
+    write_generic_tiff(path, width_px, height_px, **kw)
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(int(size * keep))
+    return path
+
+
+def write_corrupt_tile_slide(
+    path: str | os.PathLike,
+    width_px: int = 2048,
+    height_px: int = 2048,
+    *,
+    level: int = 0,
+    tile_index: int | None = None,
+    **kw,
+) -> tuple[SyntheticSlide, tuple[int, int]]:
+    """A valid pyramid in which one JPEG tile of ``level`` is overwritten with garbage.
+
+    Returns the slide and the level-0 ``(x, y)`` of the damaged tile's top-left corner. By default
+    the damaged tile is the middle one of the level.
+    """
+    slide = write_generic_tiff(path, width_px, height_px, **kw)
+    with tifffile.TiffFile(slide.path) as tif:
+        page = tif.pages[level]
+        offsets, counts = page.dataoffsets, page.databytecounts
+        tiles_across = -(-page.imagewidth // page.tilewidth)
+        tiles_down = -(-page.imagelength // page.tilelength)
+        if tile_index is None:
+            tile_index = (tiles_down // 2) * tiles_across + tiles_across // 2
+        off, count = offsets[tile_index], counts[tile_index]
+        d = slide.level_downsamples[level]
+        xy = (
+            (tile_index % tiles_across) * page.tilewidth * d,
+            (tile_index // tiles_across) * page.tilelength * d,
+        )
+    # Keep the SOI marker; garble the rest so every decoder gives up on this tile.
+    garbage = np.random.default_rng(0).integers(0, 256, size=count - 2, dtype=np.uint8)
+    garbage[::7] = 0xFF
+    with open(slide.path, "r+b") as fh:
+        fh.seek(off + 2)
+        fh.write(garbage.tobytes())
+    return slide, xy
+
+
+def write_demo_slides(folder: str | os.PathLike, *, seed: int = 0) -> list[Path]:
+    """A small folder of good slides for the demo: one SVS, two TIFFs (one with pen marks)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [
+        write_svs(folder / "demo_svs_025.svs", 12288, 10240, mpp=0.25, seed=seed).path,
+        write_generic_tiff(folder / "demo_tiff_05.tiff", 8192, 6144, mpp=0.5, seed=seed + 1).path,
+        write_generic_tiff(
+            folder / "demo_pen_05.tiff", 6144, 6144, mpp=0.5, seed=seed + 2, pen_marks=True
+        ).path,
+    ]
+    return paths
