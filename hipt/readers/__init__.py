@@ -43,10 +43,10 @@ def open_reader(path: str | os.PathLike, reader: str = "auto") -> LevelReader:
         raise ValueError(f"unknown reader {reader!r}; choose one of {READERS}")
     if reader == "fast":
         try:
-            from hipt.readers import tiff_jpeg
+            from hipt.readers.tiff_jpeg import TiffJpegReader
         except ImportError as exc:
             raise SlideReadError(f"{path}: the fast reader is not available ({exc})") from None
-        return tiff_jpeg.open(path)  # type: ignore[attr-defined]
+        return TiffJpegReader(path)
     from hipt.readers.openslide_reader import OpenSlideReader
 
     return OpenSlideReader(path)
