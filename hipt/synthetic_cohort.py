@@ -1,0 +1,250 @@
+"""Generated cohorts with a known signal: features files plus a cohort CSV, for tests and the demo.
+
+Each slide is a bag of M region embeddings drawn from a standard normal. A few **informative**
+regions per case also carry a fixed marker direction plus the signal:
+
+- subtyping: the prototype direction of the case's class, so the label is a function of those
+  few regions only;
+- survival: ``z · d`` for a per-case standard-normal ``z``; the true log-hazard is
+  ``log_hazard_scale · z`` and times are exponential with that hazard, censored at random.
+
+The files are written with :class:`hipt.h5schema.FeaturesWriter`, exactly as ``hipt embed`` writes
+them, so training reads them like real features.
+
+Examples
+--------
+>>> import tempfile
+>>> c = make_subtyping_cohort(tempfile.mkdtemp(), n_cases=4, regions=(3, 5), seed=0)
+>>> sorted(c.label_map)
+['A', 'B']
+>>> len(c.table)
+4
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hipt.atomic import write_text_atomic
+from hipt.h5schema import FeaturesWriter
+
+SITES = ("A1", "B2", "C3", "D4", "E5", "F6", "G7", "H8")
+
+
+@dataclass
+class SyntheticCohort:
+    """What a generator wrote.
+
+    Attributes
+    ----------
+    csv_path : Path
+        The cohort CSV (ARCHITECTURE.md columns).
+    features_dir : Path
+        Folder of ``<slide_id>.h5`` features files.
+    table : list of dict
+        The CSV rows.
+    informative : dict
+        slide id → indices of its informative regions (empty for a case's extra slides).
+    label_map : dict
+        label → class index (subtyping only).
+    log_hazard : dict
+        case id → true log-hazard (survival only).
+    """
+
+    csv_path: Path
+    features_dir: Path
+    table: list[dict]
+    informative: dict[str, list[int]]
+    label_map: dict[str, int] = field(default_factory=dict)
+    log_hazard: dict[str, float] = field(default_factory=dict)
+
+
+def _attrs(slide_id: str) -> dict:
+    return {
+        "slide_id": slide_id,
+        "target_mpp": 0.5,
+        "vit256_sha256": "synthetic",
+        "vit4k_sha256": "synthetic",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "hipt_version": "synthetic",
+    }
+
+
+def _write_slide(
+    path: Path,
+    slide_id: str,
+    region: np.ndarray,
+    rng: np.random.Generator,
+    patch_features: bool,
+) -> None:
+    m = len(region)
+    coords = np.stack([np.arange(m) * 8192, np.zeros(m)], axis=1).astype(np.int64)
+    patches = rng.standard_normal((m, 256, 384)).astype(np.float16) if patch_features else None
+    with FeaturesWriter(
+        path, coords, _attrs(slide_id), patch_features=patch_features, region_dim=region.shape[1]
+    ) as w:
+        w.write(0, patches, region)
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def _bags(
+    rng: np.random.Generator,
+    n_cases: int,
+    regions: tuple[int, int],
+    n_informative: int,
+    dim: int,
+    slides_per_case: int,
+) -> list[list[np.ndarray]]:
+    """Background bags: per case, 1..slides_per_case slides of M ~ U[regions] normal regions."""
+    out = []
+    for _ in range(n_cases):
+        n_slides = int(rng.integers(1, slides_per_case + 1))
+        slides = []
+        for s in range(n_slides):
+            lo = max(regions[0], n_informative + 1) if s == 0 else regions[0]
+            m = int(rng.integers(lo, max(lo, regions[1]) + 1))
+            slides.append(rng.standard_normal((m, dim)).astype(np.float32))
+        out.append(slides)
+    return out
+
+
+def _unit(rng: np.random.Generator, dim: int) -> np.ndarray:
+    v = rng.standard_normal(dim)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def make_subtyping_cohort(
+    out_dir: str | os.PathLike,
+    *,
+    n_cases: int = 60,
+    n_classes: int = 2,
+    regions: tuple[int, int] = (20, 40),
+    n_informative: int = 3,
+    signal: float = 3.0,
+    dim: int = 192,
+    slides_per_case: int = 1,
+    patch_features: bool = False,
+    n_sites: int = 6,
+    seed: int = 0,
+) -> SyntheticCohort:
+    """Write a subtyping cohort whose label is carried by ``n_informative`` regions of each case.
+
+    Parameters
+    ----------
+    out_dir : path
+        Receives ``cohort.csv`` and ``features/``.
+    n_cases, n_classes : int
+        Cohort size; labels are balanced (``"A"``, ``"B"``, ...).
+    regions : (int, int)
+        Range of regions per slide.
+    n_informative : int
+        Informative regions per case (in its first slide, at random positions).
+    signal : float
+        Length of the marker and of the class prototype added to informative regions.
+    dim : int
+        Region embedding size (192 like ViT-4K).
+    slides_per_case : int
+        Up to this many slides per case (extra slides are background only).
+    patch_features : bool
+        Also write random [M, 256, 384] patch features (for ``hipt_lgp``).
+    n_sites : int
+        Number of TCGA-style tissue-source sites, encoded in the case id.
+    seed : int
+        Seed of everything generated.
+    """
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    feats = out_dir / "features"
+    marker = _unit(rng, dim) * signal
+    protos = [_unit(rng, dim) * signal for _ in range(n_classes)]
+    names = [chr(ord("A") + k) for k in range(n_classes)]
+    labels = np.arange(n_cases) % n_classes
+    rng.shuffle(labels)
+    rows, informative = [], {}
+    for i, slides in enumerate(_bags(rng, n_cases, regions, n_informative, dim, slides_per_case)):
+        site = SITES[i % min(n_sites, len(SITES))]
+        case_id = f"TCGA-{site}-{i:04d}"
+        idx = sorted(rng.choice(len(slides[0]), size=n_informative, replace=False).tolist())
+        slides[0][idx] += marker + protos[labels[i]]
+        for s, region in enumerate(slides):
+            slide_id = f"{case_id}-{s:02d}"
+            _write_slide(feats / f"{slide_id}.h5", slide_id, region, rng, patch_features)
+            informative[slide_id] = idx if s == 0 else []
+            rows.append({"slide_id": slide_id, "case_id": case_id, "label": names[labels[i]]})
+    csv_path = out_dir / "cohort.csv"
+    _write_csv(csv_path, rows, ["slide_id", "case_id", "label"])
+    return SyntheticCohort(
+        csv_path, feats, rows, informative, label_map={n: k for k, n in enumerate(names)}
+    )
+
+
+def make_survival_cohort(
+    out_dir: str | os.PathLike,
+    *,
+    n_cases: int = 120,
+    regions: tuple[int, int] = (20, 40),
+    n_informative: int = 3,
+    signal: float = 3.0,
+    log_hazard_scale: float = 1.5,
+    baseline_hazard: float = 0.05,
+    censor_fraction: float = 0.3,
+    dim: int = 192,
+    slides_per_case: int = 1,
+    patch_features: bool = False,
+    n_sites: int = 6,
+    seed: int = 0,
+) -> SyntheticCohort:
+    """Write a survival cohort with known per-case hazards carried by a few regions.
+
+    Times (months) are exponential with hazard ``baseline_hazard · exp(log_hazard_scale · z)``;
+    about ``censor_fraction`` of cases are censored at a uniform time before their event.
+    Other parameters are as in :func:`make_subtyping_cohort`.
+    """
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    feats = out_dir / "features"
+    marker = _unit(rng, dim) * signal
+    direction = _unit(rng, dim)
+    rows, informative, log_hazard = [], {}, {}
+    for i, slides in enumerate(_bags(rng, n_cases, regions, n_informative, dim, slides_per_case)):
+        site = SITES[i % min(n_sites, len(SITES))]
+        case_id = f"TCGA-{site}-{i:04d}"
+        z = float(rng.standard_normal())
+        idx = sorted(rng.choice(len(slides[0]), size=n_informative, replace=False).tolist())
+        slides[0][idx] += marker + direction * (signal * z)
+        lh = log_hazard_scale * z
+        log_hazard[case_id] = lh
+        t_event = rng.exponential(1.0 / (baseline_hazard * np.exp(lh)))
+        if rng.random() < censor_fraction:
+            time, event = rng.uniform(0.0, t_event), 0
+        else:
+            time, event = t_event, 1
+        for s, region in enumerate(slides):
+            slide_id = f"{case_id}-{s:02d}"
+            _write_slide(feats / f"{slide_id}.h5", slide_id, region, rng, patch_features)
+            informative[slide_id] = idx if s == 0 else []
+            rows.append(
+                {
+                    "slide_id": slide_id,
+                    "case_id": case_id,
+                    "survival_months": round(float(time), 4),
+                    "event": event,
+                }
+            )
+    csv_path = out_dir / "cohort.csv"
+    _write_csv(csv_path, rows, ["slide_id", "case_id", "survival_months", "event"])
+    return SyntheticCohort(csv_path, feats, rows, informative, log_hazard=log_hazard)

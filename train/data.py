@@ -1,0 +1,308 @@
+"""Cohort tables and bags: validate the cohort CSV and features files, then serve one bag per case.
+
+A case's bag is the concatenation of the region (or patch) features of all its slides, so
+predictions are per case. Features files are opened only when a bag is read; an optional in-memory
+cache keeps bags after the first read (small cohorts, many epochs).
+
+Examples
+--------
+>>> import tempfile
+>>> from hipt.synthetic_cohort import make_subtyping_cohort
+>>> c = make_subtyping_cohort(tempfile.mkdtemp(), n_cases=4, regions=(3, 5), seed=0)
+>>> cohort = load_cohort(c.csv_path, c.features_dir, task="subtype")
+>>> store = BagStore(cohort, "region_features")
+>>> store.bag(cohort.cases[0].case_id).shape[1]
+192
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from hipt.h5schema import SchemaError, read_features_info
+from train.splits import tcga_site
+
+REQUIRED = {
+    "subtype": ("slide_id", "case_id", "label"),
+    "survival": ("slide_id", "case_id", "survival_months", "event"),
+}
+
+
+class CohortError(ValueError):
+    """The cohort CSV or its features files are not usable; the message lists every offending row."""
+
+
+@dataclass
+class Case:
+    """One patient: its slides and its target."""
+
+    case_id: str
+    slide_ids: list[str]
+    site: str
+    label: int | None = None
+    label_name: str | None = None
+    time: float | None = None
+    event: int | None = None
+
+
+@dataclass
+class Cohort:
+    """A validated cohort: cases in CSV order, the features folder and the label map."""
+
+    task: str
+    cases: list[Case]
+    features_dir: Path
+    label_map: dict[str, int] = field(default_factory=dict)
+    feature_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        self._by_id = {c.case_id: c for c in self.cases}
+
+    def case(self, case_id: str) -> Case:
+        return self._by_id[case_id]
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.case_id for c in self.cases]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [name for name, _ in sorted(self.label_map.items(), key=lambda kv: kv[1])]
+
+    def features_path(self, slide_id: str) -> Path:
+        return self.features_dir / f"{slide_id}.h5"
+
+
+def _fmt(df: pd.DataFrame, cols: Sequence[str], limit: int = 20) -> str:
+    # CSV line numbers: the header is line 1, so data row i (0-based) is line i + 2.
+    lines = [
+        f"    row {i + 2}: " + ", ".join(f"{c}={r[c]!r}" for c in cols)
+        for i, r in df.head(limit).iterrows()
+    ]
+    if len(df) > limit:
+        lines.append(f"    ... and {len(df) - limit} more")
+    return "\n".join(lines)
+
+
+def load_cohort(
+    csv_path: str | os.PathLike,
+    features_dir: str | os.PathLike,
+    *,
+    task: str,
+    label_map: dict[str, int] | None = None,
+    input_key: str = "region_features",
+    check_features: bool = True,
+) -> Cohort:
+    """Read and validate a cohort CSV and its features files.
+
+    Parameters
+    ----------
+    csv_path : path
+        Subtyping ``slide_id, case_id, label [, site]`` or survival
+        ``slide_id, case_id, survival_months, event [, site]``.
+    features_dir : path
+        Folder holding ``<slide_id>.h5`` for every slide.
+    task : {"subtype", "survival"}
+    label_map : dict, optional
+        label → class index; labels outside it are errors. Default: sorted labels → 0..K-1.
+    input_key : {"region_features", "patch_features"}
+        Dataset the model reads; files lacking it are errors.
+    check_features : bool
+        Open every features file's header (schema, shapes) before training.
+
+    Raises
+    ------
+    CohortError
+        Listing every problem found, each with the offending CSV rows and values.
+    """
+    csv_path, features_dir = Path(csv_path), Path(features_dir)
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise CohortError(f"{csv_path}: cannot read cohort CSV ({exc})") from exc
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in REQUIRED[task] if c not in df.columns]
+    if missing:
+        raise CohortError(
+            f"{csv_path}: missing column(s) {missing}; a {task} cohort needs {list(REQUIRED[task])}"
+        )
+    for c in df.columns:
+        df[c] = df[c].str.strip()
+    problems: list[str] = []
+
+    def report(mask: pd.Series, what: str, cols: Sequence[str]) -> None:
+        if mask.any():
+            problems.append(f"  {what}:\n{_fmt(df[mask], cols)}")
+
+    report(
+        (df["slide_id"] == "") | (df["case_id"] == ""),
+        "empty slide_id or case_id",
+        ["slide_id", "case_id"],
+    )
+    report(df["slide_id"].duplicated(keep=False), "duplicate slide_id", ["slide_id", "case_id"])
+    if task == "subtype":
+        if label_map is None:
+            names = sorted(set(df["label"]) - {""})
+            label_map = {n: i for i, n in enumerate(names)}
+        label_map = {str(k): int(v) for k, v in label_map.items()}
+        report(
+            ~df["label"].isin(label_map),
+            f"unknown label (label map: {sorted(label_map)})",
+            ["slide_id", "label"],
+        )
+        by_case = df.groupby("case_id")["label"].nunique()
+        report(
+            df["case_id"].isin(by_case[by_case > 1].index),
+            "slides of one case with different labels",
+            ["slide_id", "case_id", "label"],
+        )
+    else:
+        label_map = {}
+        t = pd.to_numeric(df["survival_months"], errors="coerce")
+        report(
+            t.isna() | (t < 0) | ~np.isfinite(t.fillna(0)),
+            "missing, non-numeric or negative survival_months",
+            ["slide_id", "survival_months"],
+        )
+        report(
+            ~df["event"].isin(["0", "1", "0.0", "1.0"]),
+            "event must be 0 (censored) or 1 (observed)",
+            ["slide_id", "event"],
+        )
+        key = df["survival_months"] + "|" + df["event"]
+        by_case = key.groupby(df["case_id"]).nunique()
+        report(
+            df["case_id"].isin(by_case[by_case > 1].index),
+            "slides of one case with different survival_months/event",
+            ["slide_id", "case_id", "survival_months", "event"],
+        )
+    feature_dim = None
+    if check_features:
+        bad_rows, reasons, dims = [], [], {}
+        for i, r in df.iterrows():
+            if r["slide_id"] == "":
+                continue
+            path = features_dir / f"{r['slide_id']}.h5"
+            if not path.is_file():
+                bad_rows.append(i)
+                reasons.append(f"no features file {path}")
+                continue
+            try:
+                info = read_features_info(path)
+            except SchemaError as exc:
+                bad_rows.append(i)
+                reasons.append(str(exc))
+                continue
+            if info.slide_id != r["slide_id"]:
+                bad_rows.append(i)
+                reasons.append(f"{path}: its slide_id attr is {info.slide_id!r}")
+            elif info.n_regions == 0:
+                bad_rows.append(i)
+                reasons.append(f"{path}: has no regions")
+            elif input_key == "patch_features" and not info.has_patch_features:
+                bad_rows.append(i)
+                reasons.append(f"{path}: has no patch_features (the model needs them)")
+            else:
+                with h5py.File(path, "r") as f:
+                    dims[i] = int(f[input_key].shape[-1])
+        if bad_rows:
+            lines = [
+                f"    row {i + 2}: slide_id={df.at[i, 'slide_id']!r}: {why}"
+                for i, why in zip(bad_rows[:20], reasons[:20], strict=True)
+            ]
+            if len(bad_rows) > 20:
+                lines.append(f"    ... and {len(bad_rows) - 20} more")
+            problems.append(
+                "  slide(s) with a missing or unreadable features file:\n" + "\n".join(lines)
+            )
+        if len(set(dims.values())) > 1:
+            common = max(set(dims.values()), key=list(dims.values()).count)
+            odd = [i for i, d in dims.items() if d != common]
+            lines = [
+                f"    row {i + 2}: slide_id={df.at[i, 'slide_id']!r}: {input_key} dim {dims[i]} (most files: {common})"
+                for i in odd[:20]
+            ]
+            problems.append("  features files with a mismatched feature size:\n" + "\n".join(lines))
+        feature_dim = next(iter(dims.values()), None)
+    if problems:
+        raise CohortError(f"{csv_path}: {len(problems)} problem(s):\n" + "\n".join(problems))
+    cases: dict[str, Case] = {}
+    has_site = "site" in df.columns
+    for _, r in df.iterrows():
+        cid = r["case_id"]
+        if cid not in cases:
+            site = r["site"] if has_site and r["site"] else tcga_site(cid)
+            if task == "subtype":
+                cases[cid] = Case(cid, [], site, label=label_map[r["label"]], label_name=r["label"])
+            else:
+                cases[cid] = Case(
+                    cid, [], site, time=float(r["survival_months"]), event=int(float(r["event"]))
+                )
+        cases[cid].slide_ids.append(r["slide_id"])
+    return Cohort(task, list(cases.values()), features_dir, label_map, feature_dim)
+
+
+class BagStore:
+    """One bag per case, read lazily from the features files; optionally cached in memory.
+
+    Parameters
+    ----------
+    cohort : Cohort
+    key : {"region_features", "patch_features"}
+        Dataset to read; a case's slides are concatenated along the region axis.
+    cache : bool
+        Keep each bag (float32 tensor) after its first read.
+    """
+
+    def __init__(self, cohort: Cohort, key: str = "region_features", *, cache: bool = True) -> None:
+        self.cohort, self.key, self.cache = cohort, key, cache
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _read(self, case_id: str) -> torch.Tensor:
+        parts = []
+        for slide_id in self.cohort.case(case_id).slide_ids:
+            path = self.cohort.features_path(slide_id)
+            try:
+                with h5py.File(path, "r") as f:
+                    parts.append(np.asarray(f[self.key][()], dtype=np.float32))
+            except (OSError, KeyError) as exc:
+                raise CohortError(
+                    f"{path}: cannot read {self.key} of slide {slide_id!r} ({exc})"
+                ) from exc
+        return torch.from_numpy(np.concatenate(parts, axis=0))
+
+    def bag(self, case_id: str) -> torch.Tensor:
+        """The case's bag, [M, D] (region features) or [M, 256, 384] (patch features)."""
+        if self.cache:
+            if case_id not in self._cache:
+                self._cache[case_id] = self._read(case_id)
+            return self._cache[case_id]
+        return self._read(case_id)
+
+
+def survival_strata(times: Sequence[float], events: Sequence[int], n_bins: int = 4) -> list[str]:
+    """Stratum of each case for splitting: ``e<event>_t<time quantile bin>``."""
+    t = np.asarray(times, dtype=float)
+    if n_bins <= 1 or len(t) < n_bins:
+        bins = np.zeros(len(t), dtype=int)
+    else:
+        q = np.quantile(t, np.linspace(0, 1, n_bins + 1)[1:-1])
+        bins = np.searchsorted(q, t, side="right")
+    return [f"e{int(e)}_t{int(b)}" for e, b in zip(events, bins, strict=True)]
+
+
+def case_strata(cohort: Cohort, time_bins: int = 4) -> list[str]:
+    """Stratification key of each case, in cohort order: label (subtyping), event × time bin (survival)."""
+    if cohort.task == "subtype":
+        return [str(c.label) for c in cohort.cases]
+    return survival_strata(
+        [c.time for c in cohort.cases], [c.event for c in cohort.cases], time_bins
+    )

@@ -1,0 +1,342 @@
+"""Training and evaluation of one fold: one bag per step, real gradient accumulation, model
+selection on the validation set, one test pass with the selected model.
+
+Everything a fold writes goes through temp + rename, and ``metrics.json`` is written last, so a
+fold folder with a valid ``metrics.json`` is complete and anything else is restarted from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hipt.atomic import atomic_path, write_text_atomic
+from hipt.models import create_model
+from hipt.survival import bin_edges, nll_loss, risk_from_logits, survival_curve, to_bins
+from train.data import BagStore, Cohort
+from train.metrics import classification_metrics, concordance, survival_metrics
+from train.plots import km_png, roc_png
+
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "best.pt"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch (CPU and CUDA) for a repeatable fold; NumPy draws use explicit generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fold_is_done(fold_dir: str | os.PathLike) -> bool:
+    """True when the fold's ``metrics.json`` exists, parses and says the fold finished."""
+    path = Path(fold_dir) / METRICS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("status") == "complete" and "test" in data
+
+
+def build_model(cfg: dict[str, Any], cohort: Cohort) -> torch.nn.Module:
+    """The configured slide model, sized for the cohort (classes or time bins, input dim for abmil)."""
+    kwargs = dict(cfg["model"].get("kwargs") or {})
+    name = cfg["model"]["name"]
+    if name == "abmil" and "in_dim" not in kwargs and cohort.feature_dim:
+        kwargs["in_dim"] = cohort.feature_dim
+    task = "classification" if cfg["task"] == "subtype" else "survival"
+    return create_model(
+        name,
+        n_classes=max(len(cohort.label_map), 1),
+        task=task,
+        n_bins=int(cfg["survival"]["n_bins"]),
+        **kwargs,
+    )
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, np.generic):
+        return _json_safe(x.item())
+    return x
+
+
+def _better(score: float, best: float) -> bool:
+    return math.isfinite(score) and (not math.isfinite(best) or score > best)
+
+
+class FoldRunner:
+    """Train, select and test one fold.
+
+    Parameters
+    ----------
+    cfg : dict
+        Resolved config (:func:`train.config.validate`).
+    cohort : Cohort
+    store : BagStore
+    cases : dict
+        ``{"train": [...], "val": [...], "test": [...]}`` case ids of this fold.
+    fold : int
+    fold_dir : path
+        Output folder of this fold.
+    """
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        cohort: Cohort,
+        store: BagStore,
+        cases: dict[str, list[str]],
+        fold: int,
+        fold_dir: str | os.PathLike,
+    ) -> None:
+        self.cfg, self.cohort, self.store, self.cases, self.fold = cfg, cohort, store, cases, fold
+        self.fold_dir = Path(fold_dir)
+        self.task = cfg["task"]
+        self.device = torch.device(cfg.get("device") or "cpu")
+        self.tr = cfg["train"]
+        self.alpha = float(cfg["survival"]["alpha"])
+        if self.task == "survival":
+            train = [cohort.case(c) for c in cases["train"]]
+            self.edges = bin_edges(
+                np.array([c.time for c in train]),
+                np.array([c.event for c in train]),
+                int(cfg["survival"]["n_bins"]),
+            )
+
+    # ------------------------------------------------------------------ targets
+    def _target(self, case_id: str) -> tuple[torch.Tensor, ...]:
+        c = self.cohort.case(case_id)
+        if self.task == "subtype":
+            return (torch.tensor([c.label], device=self.device),)
+        b = int(to_bins(np.array([c.time]), self.edges)[0])
+        return torch.tensor([b], device=self.device), torch.tensor(
+            [float(c.event)], device=self.device
+        )
+
+    def _loss(self, logits: torch.Tensor, target: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.task == "subtype":
+            return F.cross_entropy(logits.unsqueeze(0), target[0])
+        return nll_loss(logits.unsqueeze(0), target[0], target[1], alpha=self.alpha)
+
+    # ------------------------------------------------------------------ epochs
+    def _order(self, gen: torch.Generator) -> list[str]:
+        ids = self.cases["train"]
+        n = len(ids)
+        if self.task == "subtype" and self.tr["balanced_sampling"]:
+            labels = np.array([self.cohort.case(c).label for c in ids])
+            counts = np.bincount(labels)
+            w = torch.tensor(1.0 / counts[labels], dtype=torch.float64)
+            idx = torch.multinomial(w, n, replacement=True, generator=gen)
+        else:
+            idx = torch.randperm(n, generator=gen)
+        return [ids[i] for i in idx.tolist()]
+
+    def _bag(self, case_id: str, gen: torch.Generator | None = None) -> torch.Tensor:
+        bag = self.store.bag(case_id)
+        cap = self.tr.get("max_regions")
+        if gen is not None and cap and bag.shape[0] > int(cap):
+            keep = torch.randperm(bag.shape[0], generator=gen)[: int(cap)].sort().values
+            bag = bag[keep]
+        return bag.to(self.device, non_blocking=True)
+
+    def train_epoch(
+        self, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator
+    ) -> float:
+        """One pass over the training cases; the optimiser steps every ``accumulate`` bags."""
+        model.train()
+        order = self._order(gen)
+        acc = int(self.tr["accumulate"])
+        n = len(order)
+        total = 0.0
+        opt.zero_grad(set_to_none=True)
+        for i, cid in enumerate(order):
+            group_start = (i // acc) * acc
+            group_size = min(acc, n - group_start)
+            out = model(self._bag(cid, gen))
+            loss = self._loss(out.logits, self._target(cid))
+            # Scale so one optimiser step sees the mean gradient of its group of bags.
+            (loss / group_size).backward()
+            total += float(loss.detach())
+            if i + 1 == group_start + group_size:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return total / max(n, 1)
+
+    @torch.no_grad()
+    def predict(
+        self, model: torch.nn.Module, case_ids: list[str]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """Logits [N, n_out], attention per case and the mean loss over ``case_ids``."""
+        model.eval()
+        logits, attn, total = [], [], 0.0
+        for cid in case_ids:
+            out = model(self._bag(cid))
+            logits.append(out.logits.float().cpu())
+            attn.append(out.attention.float().cpu())
+            total += float(self._loss(out.logits, self._target(cid)))
+        return (
+            torch.stack(logits) if logits else torch.zeros(0),
+            attn,
+            total / max(len(case_ids), 1),
+        )
+
+    def _score(self, case_ids: list[str], logits: torch.Tensor, loss: float) -> tuple[float, float]:
+        """(selection score, task metric) on a set of cases; higher score is better."""
+        if self.task == "subtype":
+            y = np.array([self.cohort.case(c).label for c in case_ids])
+            metric = (
+                classification_metrics(y, torch.softmax(logits, 1).numpy())["auc"]
+                if len(y)
+                else float("nan")
+            )
+        else:
+            cs = [self.cohort.case(c) for c in case_ids]
+            metric = concordance(
+                np.array([c.time for c in cs]),
+                np.array([c.event for c in cs]),
+                risk_from_logits(logits).numpy(),
+            )
+        return (-loss if self.tr["select_on"] == "loss" else metric), metric
+
+    # ------------------------------------------------------------------ fold
+    def run(self) -> dict[str, Any]:
+        """Train with model selection on val, test once, write the fold's files; return its metrics."""
+        self.fold_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.fold_dir.glob(".*.tmp-*"):
+            stale.unlink()  # left by a killed run
+        seed = int(self.cfg["seed"]) * 1000 + self.fold
+        seed_everything(seed)
+        gen = torch.Generator().manual_seed(seed)
+        model = build_model(self.cfg, self.cohort).to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(
+            params, lr=float(self.tr["lr"]), weight_decay=float(self.tr["weight_decay"])
+        )
+        epochs, patience = int(self.tr["epochs"]), int(self.tr["patience"])
+        best_score, best_epoch, best_state = float("nan"), -1, None
+        history = []
+        bar = tqdm(
+            range(epochs),
+            desc=f"fold {self.fold}",
+            unit="epoch",
+            disable=not self.tr.get("progress", True),
+            leave=False,
+        )
+        for epoch in bar:
+            train_loss = self.train_epoch(model, opt, gen)
+            val_logits, _, val_loss = self.predict(model, self.cases["val"])
+            score, metric = self._score(self.cases["val"], val_logits, val_loss)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_metric": metric,
+                }
+            )
+            if best_state is None or _better(score, best_score):
+                best_score, best_epoch = score, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best_epoch)
+            if (
+                patience
+                and epoch + 1 >= int(self.tr["min_epochs"])
+                and epoch - best_epoch >= patience
+            ):
+                break
+        bar.close()
+        model.load_state_dict(best_state)
+        with atomic_path(self.fold_dir / CHECKPOINT_FILE) as tmp:
+            torch.save({k: v.cpu() for k, v in best_state.items()}, tmp)
+        hist = pd.DataFrame(history)
+        write_text_atomic(self.fold_dir / "history.csv", hist.to_csv(index=False))
+
+        test_ids = self.cases["test"]
+        logits, attn, test_loss = self.predict(model, test_ids)
+        preds, test_metrics = self._evaluate(test_ids, logits, attn)
+        write_text_atomic(self.fold_dir / "predictions.csv", preds.to_csv(index=False))
+        val_row = history[best_epoch]
+        metrics = {
+            "status": "complete",
+            "fold": self.fold,
+            "task": self.task,
+            "model": self.cfg["model"]["name"],
+            "seed": seed,
+            "selected_on": self.tr["select_on"],
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "n_cases": {r: len(v) for r, v in self.cases.items()},
+            "val": {"loss": val_row["val_loss"], "metric": val_row["val_metric"]},
+            "test": {"loss": test_loss, **test_metrics},
+        }
+        if self.task == "survival":
+            metrics["bin_edges"] = [float(e) for e in self.edges]
+        write_text_atomic(self.fold_dir / METRICS_FILE, json.dumps(_json_safe(metrics), indent=2))
+        return metrics
+
+    def _evaluate(
+        self, case_ids: list[str], logits: torch.Tensor, attn: list[torch.Tensor]
+    ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        cases = [self.cohort.case(c) for c in case_ids]
+        base = pd.DataFrame(
+            {
+                "case_id": case_ids,
+                "slide_ids": [";".join(c.slide_ids) for c in cases],
+                "n_regions": [int(a.numel()) for a in attn],
+            }
+        )
+        title = f"{self.cfg['cohort']} fold {self.fold}"
+        if self.task == "subtype":
+            names = self.cohort.class_names
+            y = np.array([c.label for c in cases])
+            probs = (
+                torch.softmax(logits, dim=1).numpy() if len(cases) else np.zeros((0, len(names)))
+            )
+            base["label"] = [c.label_name for c in cases]
+            base["label_index"] = y
+            for k, name in enumerate(names):
+                base[f"prob_{name}"] = probs[:, k]
+            base["pred"] = [names[k] for k in probs.argmax(1)]
+            metrics = classification_metrics(y, probs, names)
+            roc_png(y, probs, names, self.fold_dir / "roc.png", title=title)
+            metrics["plots"] = ["roc.png"]
+            return base, metrics
+        times = np.array([c.time for c in cases])
+        events = np.array([c.event for c in cases])
+        risk = risk_from_logits(logits).numpy()
+        surv = survival_curve(logits).numpy()
+        base["survival_months"] = times
+        base["event"] = events
+        base["risk"] = risk
+        for k in range(surv.shape[1]):
+            base[f"survival_bin{k}"] = surv[:, k]
+        metrics = survival_metrics(times, events, risk)
+        km_png(times, events, risk, self.fold_dir / "km.png", title=title, p=metrics["logrank_p"])
+        metrics["plots"] = ["km.png"]
+        return base, metrics
+
+
+def load_checkpoint(
+    cfg: dict[str, Any], cohort: Cohort, path: str | os.PathLike
+) -> torch.nn.Module:
+    """Rebuild the configured model and load a fold's ``best.pt`` (``weights_only=True``)."""
+    model = build_model(cfg, cohort)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()

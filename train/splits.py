@@ -1,0 +1,232 @@
+"""Case-level k-fold splits with train/val/test per fold, stratified, optionally site-preserving.
+
+Splitting is by **case** (patient), never by slide, so no patient's slides are on both sides. A
+split table has one row per (case, fold): ``case_id, fold, role`` with role ``train``, ``val`` or
+``test``. Every case is in the test set of exactly one fold.
+
+Examples
+--------
+>>> cases = [f"c{i}" for i in range(20)]
+>>> strata = ["a" if i % 2 else "b" for i in range(20)]
+>>> s = make_splits(cases, strata, folds=5, val_fraction=0.2, seed=0)
+>>> sorted(s["role"].unique())
+['test', 'train', 'val']
+>>> int((s["role"] == "test").sum())
+20
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hipt.atomic import atomic_path
+
+ROLES = ("train", "val", "test")
+
+
+class SplitError(ValueError):
+    """A split table is inconsistent (a case in two roles of a fold, unknown roles or cases...)."""
+
+
+def tcga_site(case_id: str) -> str:
+    """TCGA tissue-source site: the two characters after ``TCGA-`` (``TCGA-05-4244`` → ``05``).
+
+    Case ids that are not TCGA-style are their own site.
+    """
+    s = str(case_id)
+    return s[5:7] if s.upper().startswith("TCGA-") and len(s) >= 7 else s
+
+
+def _systematic(n: int, fraction: float) -> np.ndarray:
+    """Boolean mask picking ``≈ fraction · n`` evenly spaced items (stratified when items are grouped)."""
+    i = np.arange(n)
+    pick = np.floor((i + 1) * fraction) > np.floor(i * fraction)
+    if n and not pick.any():
+        pick[n // 2] = True
+    return pick
+
+
+def _ordered_by_stratum(
+    idx: np.ndarray, strata: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices grouped stratum by stratum (sorted stratum names), shuffled inside each stratum."""
+    out = []
+    for s in sorted(set(strata[idx].tolist())):
+        members = idx[strata[idx] == s]
+        out.append(rng.permutation(members))
+    return np.concatenate(out) if out else idx
+
+
+def make_splits(
+    case_ids: Sequence[str],
+    strata: Sequence[str],
+    *,
+    folds: int,
+    val_fraction: float = 0.15,
+    seed: int = 1,
+    sites: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Make k-fold train/val/test splits of cases.
+
+    Parameters
+    ----------
+    case_ids : sequence of str
+        Unique case ids.
+    strata : sequence of str
+        Stratum of each case (label for subtyping; event × time bin for survival). Test folds are
+        filled round-robin inside each stratum, so each fold has the cohort's mix.
+    folds : int
+        Number of folds K; fold k's test set is the k-th part.
+    val_fraction : float
+        Fraction of each fold's non-test cases used for validation (stratified).
+    seed : int
+        Seed of the shuffles.
+    sites : sequence of str, optional
+        Tissue-source site of each case. When given, whole sites are assigned to test folds so no
+        site is in both train and test of a fold (val is drawn from the training sites).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``case_id, fold, role``, sorted by fold then case.
+    """
+    case_ids = np.asarray([str(c) for c in case_ids])
+    strata = np.asarray([str(s) for s in strata])
+    n = len(case_ids)
+    if len(set(case_ids.tolist())) != n:
+        dup = [c for c, k in Counter(case_ids.tolist()).items() if k > 1]
+        raise SplitError(f"duplicate case ids: {dup[:10]}")
+    if len(strata) != n:
+        raise SplitError("case_ids and strata differ in length")
+    if n < folds:
+        raise SplitError(f"{n} cases cannot fill {folds} folds")
+    rng = np.random.default_rng(seed)
+    test_fold = np.full(n, -1, dtype=np.int64)
+    if sites is None:
+        order = _ordered_by_stratum(np.arange(n), strata, rng)
+        test_fold[order] = np.arange(n) % folds
+    else:
+        sites = np.asarray([str(s) for s in sites])
+        uniq = sorted(set(sites.tolist()))
+        if len(uniq) < folds:
+            raise SplitError(
+                f"site-preserving splits need at least {folds} sites, found {len(uniq)}: {uniq}"
+            )
+        sizes = {s: int((sites == s).sum()) for s in uniq}
+        # Largest sites first, each to the currently smallest fold (ties broken at random).
+        tiebreak = {s: r for s, r in zip(uniq, rng.permutation(len(uniq)), strict=True)}
+        fill = np.zeros(folds, dtype=np.int64)
+        for s in sorted(uniq, key=lambda s: (-sizes[s], tiebreak[s])):
+            k = int(np.argmin(fill))
+            test_fold[sites == s] = k
+            fill[k] += sizes[s]
+    rows = []
+    for k in range(folds):
+        role = np.where(test_fold == k, "test", "train").astype(object)
+        rest = _ordered_by_stratum(np.flatnonzero(test_fold != k), strata, rng)
+        role[rest[_systematic(len(rest), val_fraction)]] = "val"
+        rows.extend(
+            {"case_id": c, "fold": k, "role": r} for c, r in zip(case_ids, role, strict=True)
+        )
+    df = pd.DataFrame(rows).sort_values(["fold", "case_id"], kind="stable").reset_index(drop=True)
+    check_splits(
+        df,
+        case_ids=case_ids.tolist(),
+        sites=None if sites is None else dict(zip(case_ids, sites, strict=True)),
+    )
+    return df
+
+
+def check_splits(
+    df: pd.DataFrame,
+    *,
+    case_ids: Sequence[str] | None = None,
+    sites: dict[str, str] | None = None,
+    source: str = "splits",
+) -> None:
+    """Refuse an inconsistent split table; the error lists the offending rows.
+
+    Checks: the columns, known roles, no case in two roles (or twice) in a fold, every fold has
+    train and test cases, cases known to the cohort (when ``case_ids`` is given), and no site in
+    both train and test (when ``sites`` is given).
+    """
+    missing = [c for c in ("case_id", "fold", "role") if c not in df.columns]
+    if missing:
+        raise SplitError(f"{source}: missing column(s) {missing}; need case_id, fold, role")
+    bad_role = df[~df["role"].isin(ROLES)]
+    if len(bad_role):
+        raise SplitError(f"{source}: unknown role(s) (expected train/val/test):\n{_rows(bad_role)}")
+    dup = df[df.duplicated(["fold", "case_id"], keep=False)]
+    if len(dup):
+        raise SplitError(
+            f"{source}: case(s) in more than one role (or listed twice) in a fold:\n{_rows(dup)}"
+        )
+    for k, part in df.groupby("fold"):
+        roles = set(part["role"])
+        if "train" not in roles or "test" not in roles:
+            raise SplitError(
+                f"{source}: fold {k} has no {'train' if 'train' not in roles else 'test'} cases"
+            )
+    if case_ids is not None:
+        unknown = df[~df["case_id"].astype(str).isin(set(map(str, case_ids)))]
+        if len(unknown):
+            raise SplitError(f"{source}: case(s) not in the cohort:\n{_rows(unknown)}")
+    if sites is not None:
+        for k, part in df.groupby("fold"):
+            train_sites = {sites[c] for c in part.loc[part["role"] != "test", "case_id"]}
+            leak = part[(part["role"] == "test") & part["case_id"].map(sites).isin(train_sites)]
+            if len(leak):
+                raise SplitError(
+                    f"{source}: fold {k}: test site(s) also in train/val:\n{_rows(leak)}"
+                )
+
+
+def _rows(df: pd.DataFrame, limit: int = 20) -> str:
+    # Row numbers as in the CSV file: header is line 1, first data row line 2.
+    lines = [
+        f"  row {i + 2}: " + ", ".join(f"{c}={r[c]}" for c in df.columns)
+        for i, r in df.head(limit).iterrows()
+    ]
+    if len(df) > limit:
+        lines.append(f"  ... and {len(df) - limit} more")
+    return "\n".join(lines)
+
+
+def write_splits(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a split table as CSV (atomically)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df[["case_id", "fold", "role"]].to_csv(tmp, index=False)
+    return path
+
+
+def read_splits(path: str | os.PathLike, *, case_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read and check a split CSV (``case_id, fold, role``); a case in two roles of a fold is refused."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype={"case_id": str, "role": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise SplitError(f"{path}: cannot read split file ({exc})") from exc
+    if "fold" in df.columns:
+        try:
+            df["fold"] = df["fold"].astype(int)
+        except (ValueError, TypeError) as exc:
+            raise SplitError(f"{path}: fold must be an integer ({exc})") from exc
+    check_splits(df, case_ids=case_ids, source=str(path))
+    return df
+
+
+def fold_cases(df: pd.DataFrame, fold: int) -> dict[str, list[str]]:
+    """``{role: [case ids]}`` of one fold."""
+    part = df[df["fold"] == fold]
+    if part.empty:
+        raise SplitError(
+            f"fold {fold} is not in the split table (folds: {sorted(df['fold'].unique())})"
+        )
+    return {r: sorted(part.loc[part["role"] == r, "case_id"].astype(str)) for r in ROLES}
