@@ -22,7 +22,9 @@ def open_reader(path: str | os.PathLike, reader: str = "auto") -> LevelReader:
         The slide file.
     reader : {"auto", "openslide", "fast"}
         ``"openslide"`` reads every format OpenSlide knows; ``"fast"`` decodes JPEG-tiled TIFFs
-        directly; ``"auto"`` picks the best reader for the file (OpenSlide for now).
+        directly (Aperio SVS and generic tiled TIFF whose levels are all JPEG tiles) and raises
+        :class:`~hipt.readers.tiff_jpeg.UnsupportedSlideError` for anything else; ``"auto"`` takes
+        the fast reader wherever it applies and OpenSlide everywhere else.
 
     Raises
     ------
@@ -41,12 +43,20 @@ def open_reader(path: str | os.PathLike, reader: str = "auto") -> LevelReader:
     """
     if reader not in READERS:
         raise ValueError(f"unknown reader {reader!r}; choose one of {READERS}")
-    if reader == "fast":
+    if reader in ("fast", "auto"):
         try:
             from hipt.readers.tiff_jpeg import TiffJpegReader
         except ImportError as exc:
-            raise SlideReadError(f"{path}: the fast reader is not available ({exc})") from None
-        return TiffJpegReader(path)
+            if reader == "fast":
+                raise SlideReadError(f"{path}: the fast reader is not available ({exc})") from None
+        else:
+            if reader == "fast":
+                return TiffJpegReader(path)
+            try:
+                # Constructing it is the support check (one header parse, not two).
+                return TiffJpegReader(path)
+            except SlideReadError:
+                pass  # not JPEG-tiled TIFF, or unreadable: OpenSlide decides and reports
     from hipt.readers.openslide_reader import OpenSlideReader
 
     return OpenSlideReader(path)
