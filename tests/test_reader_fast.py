@@ -20,7 +20,8 @@ import openslide
 import pytest
 import tifffile
 
-from hipt.readers import SlideReadError
+from hipt import synthetic
+from hipt.readers import SlideReadError, open_reader
 from hipt.readers.tiff_jpeg import TiffJpegReader, UnsupportedSlideError
 
 # Measured: the fast path equals OpenSlide exactly on every level-pixel-aligned read.
@@ -220,6 +221,14 @@ def slides(tmp_path_factory) -> dict[str, Path]:
         "tif512": write_generic(d / "tif512.tiff", 2100, 1500, 512, 0.5, extra_tiled_page=True),
         # Generic TIFF, 256 tiles, 0.25 µm/px, one missing tile.
         "tif256": write_generic(d / "tif256.tiff", 1200, 1000, 256, 0.25, missing_tile=5),
+        # The project's generated slides (tissue model, as the pipeline tests use them).
+        "synth_svs": synthetic.write_svs(d / "synth.svs", 2560, 2304, mpp=0.25, seed=4).path,
+        "synth_tif": synthetic.write_generic_tiff(
+            d / "synth.tiff", 2200, 1800, mpp=0.5, tile_px=512, seed=5
+        ).path,
+        "synth_tif256": synthetic.write_generic_tiff(
+            d / "synth256.tiff", 1300, 1100, mpp=0.25, tile_px=256, seed=6
+        ).path,
     }
 
 
@@ -238,7 +247,10 @@ def _windows(dims: list[tuple[int, int]], ds: list[float], tile: int) -> list[tu
     return out
 
 
-@pytest.mark.parametrize("key", ["svs256", "svs512rgb", "tif512", "tif256"])
+ALL_SLIDES = ["svs256", "svs512rgb", "tif512", "tif256", "synth_svs", "synth_tif", "synth_tif256"]
+
+
+@pytest.mark.parametrize("key", ALL_SLIDES)
 def test_same_pixels_as_openslide(slides, key):
     path = slides[key]
     assert TiffJpegReader.supports(path), TiffJpegReader.unsupported_reason(path)
@@ -317,6 +329,23 @@ def test_fractional_level_corner_snaps_to_nearest_pixel(slides):
 
 
 # ------------------------------------------------------------------------ fallback
+def test_open_reader_auto_and_fast(slides, tmp_path):
+    for key in ALL_SLIDES:
+        r = open_reader(slides[key], "auto")
+        assert r.name == "fast", key
+        r.close()
+    deflate = write_generic(tmp_path / "deflate.tiff", 700, 500, 256, 0.5, compression="zlib")
+    r = open_reader(deflate, "auto")
+    assert r.name == "openslide"
+    assert r.read_level(0, 0, 0, 8, 8).shape == (8, 8, 3)
+    r.close()
+    with pytest.raises(SlideReadError, match=r"deflate\.tiff.*not JPEG"):
+        open_reader(deflate, "fast")
+    # A missing file is reported by OpenSlide's reader, naming the file.
+    with pytest.raises(SlideReadError, match="nothere.svs"):
+        open_reader(tmp_path / "nothere.svs", "auto")
+
+
 def test_falls_back_for_what_it_cannot_read(tmp_path):
     zlib_tif = write_generic(tmp_path / "deflate.tiff", 700, 500, 256, 0.5, compression="zlib")
     stripped = write_stripped(tmp_path / "stripped.tiff")
@@ -384,6 +413,15 @@ def test_corrupt_tile_names_slide_level_and_tile(tmp_path):
     # OpenSlide also fails on that region (same batch behaviour: the slide is reported).
     with openslide.OpenSlide(str(path)) as osr, pytest.raises(openslide.OpenSlideError):
         osr.read_region((256, 200), 0, (700, 300))
+
+
+def test_generated_corrupt_tile_slide(tmp_path):
+    slide, (x, y) = synthetic.write_corrupt_tile_slide(tmp_path / "bad.tiff", 2048, 2048)
+    with TiffJpegReader(slide.path) as r:
+        tw, th, across, _ = r.tile_grid(0)
+        index = (y // th) * across + x // tw
+        with pytest.raises(SlideReadError, match=rf"bad\.tiff.*level 0, tile {index}\b"):
+            r.read_level(0, x - 10, y - 10, 64, 64)
 
 
 def test_truncated_file_is_a_tile_error(tmp_path):
