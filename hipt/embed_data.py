@@ -1,0 +1,214 @@
+"""Streaming 4096 px regions of many slides into the embedder: dataset, items and DataLoader.
+
+The dataset is map-style over ``(slide, region)`` pairs in slide order, so a DataLoader with
+``batch_size=None`` hands the regions back in that same order however many workers read them,
+and the writer can close each slide's file as soon as its last region arrives. Each worker opens
+its own :class:`hipt.slide.Slide` lazily (OpenSlide handles must not cross a fork), keeps at most
+a couple of them open, reads one region at the target µm/px and returns it as a uint8 ``[3, H, W]``
+tensor. Normalisation happens later on the device, inside the region encoder. Only
+``workers × prefetch`` regions are ever in flight, whatever the slide size.
+
+A slide that cannot be opened or read does not stop the loader: the item carries the error
+message instead of pixels, and the worker answers every later region of that slide with the
+same error without touching the file again.
+
+Examples
+--------
+>>> import numpy as np
+>>> job = SlideJob("s1", "s1.tiff", np.zeros((2, 2), np.int64), target_mpp=0.5, mpp_level0=0.5)
+>>> ds = RegionDataset([job])
+>>> len(ds), ds.locate(1)
+(2, (0, 1))
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hipt.geometry import REGION_PX
+
+__all__ = ["SlideJob", "RegionItem", "RegionDataset", "make_region_loader"]
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to embed: where it is, which regions, and at which µm/px.
+
+    ``coords`` are the level-0 (x, y) of the regions, in the tiles file's order. ``mpp_level0``
+    is the value the tiler used (passed to the Slide so the geometry is exactly the tiler's).
+    """
+
+    slide_id: str
+    slide_path: str | os.PathLike
+    coords: np.ndarray
+    target_mpp: float = 0.5
+    mpp_level0: float | None = None
+    region_px: int = REGION_PX
+
+    @property
+    def n_regions(self) -> int:
+        return int(len(self.coords))
+
+
+class RegionItem(TypedDict):
+    """What the loader yields per region: ``pixels`` is uint8 ``[3, H, W]`` or empty on error."""
+
+    job: int
+    row: int
+    pixels: torch.Tensor
+    error: str
+    reader: str
+
+
+def _error_text(path: str | os.PathLike, exc: BaseException) -> str:
+    # One line that names the file, whether or not the reader's own message already did.
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg if str(path) in msg else f"{path}: {msg}"
+
+
+class RegionDataset(Dataset):
+    """Map-style dataset of every region of ``jobs``, flattened in job order.
+
+    Parameters
+    ----------
+    jobs : sequence of SlideJob
+        Slides and their region coordinates.
+    reader : str
+        Reader for :class:`hipt.slide.Slide` (``"auto"``, ``"openslide"`` or ``"fast"``).
+    max_open : int
+        Slides each worker keeps open; items come in slide order, so two are plenty.
+    """
+
+    def __init__(self, jobs: list[SlideJob], *, reader: str = "auto", max_open: int = 2) -> None:
+        self.jobs = list(jobs)
+        self.reader = reader
+        self.max_open = max(1, int(max_open))
+        self._starts = np.cumsum([0] + [j.n_regions for j in self.jobs]).tolist()
+        self._pid: int | None = None
+        self._open: OrderedDict[int, Any] = OrderedDict()
+        self._failed: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(job, row)`` of flat ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        job = bisect.bisect_right(self._starts, index) - 1
+        return job, index - self._starts[job]
+
+    def _reset_if_forked(self) -> None:
+        # A worker inherits the parent's cache by fork; those handles belong to the parent.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._open = OrderedDict()
+            self._failed = {}
+
+    def _slide(self, job: int) -> Any:
+        if job in self._open:
+            self._open.move_to_end(job)
+            return self._open[job]
+        from hipt.slide import Slide  # imported in the worker, where it is used
+
+        spec = self.jobs[job]
+        slide = Slide(spec.slide_path, mpp=spec.mpp_level0, reader=self.reader)
+        self._open[job] = slide
+        while len(self._open) > self.max_open:
+            _, old = self._open.popitem(last=False)
+            old.close()
+        return slide
+
+    def read(self, job: int, row: int) -> np.ndarray:
+        """The uint8 ``[H, W, 3]`` RGB region ``row`` of slide ``job`` (raises on a read error)."""
+        self._reset_if_forked()
+        spec = self.jobs[job]
+        x0, y0 = (int(v) for v in spec.coords[row])
+        pixels = self._slide(job).read_region(x0, y0, spec.region_px, spec.target_mpp)
+        want = (spec.region_px, spec.region_px, 3)
+        if pixels.shape != want or pixels.dtype != np.uint8:
+            raise ValueError(
+                f"read_region gave {pixels.dtype} {pixels.shape}, expected uint8 {want}"
+            )
+        return pixels
+
+    def __getitem__(self, index: int) -> RegionItem:
+        self._reset_if_forked()
+        job, row = self.locate(index)
+        empty = torch.empty(0, dtype=torch.uint8)
+        if job in self._failed:
+            return RegionItem(job=job, row=row, pixels=empty, error=self._failed[job], reader="")
+        try:
+            pixels = self.read(job, row)
+        except Exception as exc:  # any failure of one slide must not stop the others
+            self._failed[job] = _error_text(self.jobs[job].slide_path, exc)
+            stale = self._open.pop(job, None)
+            if stale is not None:
+                try:
+                    stale.close()
+                except Exception:
+                    pass
+            return RegionItem(job=job, row=row, pixels=empty, error=self._failed[job], reader="")
+        # Channels first, contiguous, so the tensor pins and copies to the device in one piece.
+        chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        reader = str(getattr(self._open[job], "reader_name", self.reader))
+        if row == self.jobs[job].n_regions - 1:
+            # The last region of a slide: release its handle now rather than at eviction.
+            slide = self._open.pop(job, None)
+            if slide is not None:
+                slide.close()
+        return RegionItem(job=job, row=row, pixels=chw, error="", reader=reader)
+
+    def close(self) -> None:
+        """Close the slides this process has open."""
+        while self._open:
+            _, slide = self._open.popitem()
+            slide.close()
+
+
+def make_region_loader(
+    dataset: RegionDataset,
+    *,
+    workers: int = 0,
+    pin_memory: bool = False,
+    prefetch: int = 2,
+) -> DataLoader:
+    """A DataLoader that yields :class:`RegionItem` one region at a time, in dataset order.
+
+    ``batch_size=None`` keeps each worker on one region at a time, so a batch of regions is read
+    by several workers at once rather than by one worker in sequence; the caller groups them.
+    At most ``workers × prefetch`` regions (48 MiB each at 4096 px) wait in memory.
+    """
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(prefetch_factor=prefetch, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        **kwargs,
+    )
+
+
+def slide_job_from_tiles(tiles: Any, slide_path: str | os.PathLike | None = None) -> SlideJob:
+    """A :class:`SlideJob` from a :class:`hipt.h5schema.Tiles` (``slide_path`` overrides the attr)."""
+    attrs = tiles.attrs
+    return SlideJob(
+        slide_id=str(attrs["slide_id"]),
+        slide_path=Path(slide_path if slide_path is not None else attrs["slide_path"]),
+        coords=np.asarray(tiles.coords, dtype=np.int64),
+        target_mpp=float(attrs["target_mpp"]),
+        mpp_level0=float(attrs["mpp_level0"]),
+        region_px=int(attrs.get("region_size", REGION_PX)),
+    )
