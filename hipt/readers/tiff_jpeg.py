@@ -297,6 +297,27 @@ class TiffJpegReader:
         SlideReadError
             A tile cannot be read or decoded; the message names the slide, level and tile.
         """
+        self.check_read(level, width, height)
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        jobs = self.plan(level, x0, y0, width, height)
+
+        def run(some: list) -> None:
+            for index, src, dst in some:
+                tile = self.decode_tile(level, index)
+                if tile is not None:
+                    out[dst] = tile[src]  # disjoint windows: no lock needed
+
+        n = min(self._threads, len(jobs))
+        if n <= 1:
+            run(jobs)
+        else:
+            # One interleaved share per thread (glass and tissue tiles decode at different
+            # speeds); list() re-raises the first worker exception on the calling thread.
+            list(self._executor().map(run, [jobs[i::n] for i in range(n)]))
+        return out
+
+    def check_read(self, level: int, width: int, height: int) -> None:
+        """Raise SlideReadError unless the reader is open, ``level`` exists and the size is >= 0."""
         if self._fd is None:
             raise SlideReadError(f"{self.path}: reader is closed")
         if not 0 <= level < self.level_count:
@@ -305,7 +326,16 @@ class TiffJpegReader:
             )
         if width < 0 or height < 0:
             raise SlideReadError(f"{self.path}: negative size {width}x{height}")
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
+
+    def plan(
+        self, level: int, x0: int, y0: int, width: int, height: int
+    ) -> list[tuple[int, tuple[slice, slice], tuple[slice, slice]]]:
+        """The tiles a read needs: ``(tile index, slices in the tile, slices in the output)``.
+
+        Slices are ``(rows, columns)``; the output is ``[height, width]`` of ``level`` with its
+        top-left at level-0 ``(x0, y0)`` (see the module docstring for the coordinate rules).
+        Other decoders (:mod:`hipt.readers.gpu_decode`) share this plan.
+        """
         ds = self.level_downsamples[level]
         ox, lx = _start(int(x0), ds)
         oy, ly = _start(int(y0), ds)
@@ -314,7 +344,7 @@ class TiffJpegReader:
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + width - ox, lv.width), min(ly + height - oy, lv.height)
         if cx1 <= cx0 or cy1 <= cy0:
-            return out
+            return []
         jobs = []
         tw, th = lv.tile_width, lv.tile_height
         for row in range(cy0 // th, (cy1 - 1) // th + 1):
@@ -330,20 +360,7 @@ class TiffJpegReader:
                         (slice(ys - ly + oy, ye - ly + oy), slice(xs - lx + ox, xe - lx + ox)),
                     )
                 )
-
-        def run(job: tuple) -> None:
-            index, src, dst = job
-            tile = self.decode_tile(level, index)
-            if tile is not None:
-                out[dst] = tile[src]
-
-        if self._threads == 1 or len(jobs) == 1:
-            for job in jobs:
-                run(job)
-        else:
-            # list() re-raises the first worker exception here, on the calling thread.
-            list(self._executor().map(run, jobs))
-        return out
+        return jobs
 
     def read_tile_bytes(self, level: int, index: int) -> bytes | None:
         """Raw JPEG bytes of tile ``index`` (row-major) of ``level``; ``None`` for a missing tile."""
