@@ -488,3 +488,53 @@ def test_survives_fork_and_pickle(slides):
     with clone:
         assert clone._fd is not None
         assert np.array_equal(clone.read_level(0, 300, 200, 900, 700), want)
+
+
+# ------------------------------------------------------------------------ device decode
+def _device() -> str:
+    import torch
+
+    # nvJPEG where a GPU is present; torchvision's CPU libjpeg-turbo path everywhere else.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_standalone_jpeg_rebuilds_tables_and_rgb_marker(slides):
+    from hipt.readers.gpu_decode import standalone_jpeg
+
+    with TiffJpegReader(slides["svs512rgb"]) as r:
+        tables, space = r.jpeg_info(0)
+        data = r.read_tile_bytes(0, 1)
+        want = r.decode_tile(0, 1)
+    blob = standalone_jpeg(data, tables, space)
+    assert blob.count(b"\xff\xd8") == 1 and b"Adobe" in blob
+    # A plain decoder, told nothing, now gets OpenSlide's colours.
+    assert np.array_equal(imagecodecs.jpeg8_decode(blob), want)
+    with pytest.raises(ValueError, match="SOI"):
+        standalone_jpeg(b"junk", None, "RGB")
+
+
+@pytest.mark.parametrize("key", ["svs256", "svs512rgb", "tif256"])
+def test_device_decode_matches_cpu_reader(slides, key):
+    from hipt.readers.gpu_decode import GpuTileDecoder
+
+    with TiffJpegReader(slides[key], threads=1) as r:
+        dec = GpuTileDecoder(r, _device())
+        for win in [(0, 0, 0, *r.level_dimensions[0]), (0, -40, -8, 600, 500), (1, 0, 0, 300, 200)]:
+            got = dec.read_level(*win)
+            assert tuple(got.shape) == (3, win[4], win[3])
+            assert got.device.type == _device()
+            host = got.permute(1, 2, 0).cpu().numpy()
+            diff = int(np.abs(host.astype(np.int16) - r.read_level(*win)).max())
+            # nvJPEG's IDCT/upsampling may differ from libjpeg-turbo's by a grey level or two.
+            assert diff <= (0 if _device() == "cpu" else 2), f"{key} {win}: {diff}"
+
+
+def test_device_decode_names_a_corrupt_tile(tmp_path):
+    from hipt.readers.gpu_decode import GpuTileDecoder
+
+    path = write_generic(tmp_path / "gbroken.tiff", 1024, 768, 256, 0.5)
+    _corrupt_tile(path, 0, 5)
+    with TiffJpegReader(path) as r:
+        dec = GpuTileDecoder(r, _device())
+        with pytest.raises(SlideReadError, match=r"gbroken\.tiff.*level 0, tile 5\b"):
+            dec.read_level(0, 0, 0, 1024, 768)

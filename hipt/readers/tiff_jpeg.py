@@ -372,10 +372,10 @@ class TiffJpegReader:
         try:
             data = os.pread(self._fd, count, offset)
         except OSError as exc:
-            raise SlideReadError(self._tile_message(level, index, exc.strerror)) from None
+            raise SlideReadError(self.tile_message(level, index, exc.strerror)) from None
         if len(data) != count:
             raise SlideReadError(
-                self._tile_message(level, index, f"file ends early ({len(data)}/{count} bytes)")
+                self.tile_message(level, index, f"file ends early ({len(data)}/{count} bytes)")
             )
         return data
 
@@ -393,11 +393,11 @@ class TiffJpegReader:
             )
         except Exception as exc:  # noqa: BLE001 - Jpeg8Error and friends
             raise SlideReadError(
-                self._tile_message(level, index, f"JPEG decode failed: {exc}")
+                self.tile_message(level, index, f"JPEG decode failed: {exc}")
             ) from None
         if tile.shape != (lv.tile_height, lv.tile_width, 3):
             raise SlideReadError(
-                self._tile_message(
+                self.tile_message(
                     level,
                     index,
                     f"decoded shape {tile.shape} is not {lv.tile_height}x{lv.tile_width}x3",
@@ -415,7 +415,8 @@ class TiffJpegReader:
         lv = self._levels[level]
         return lv.jpeg_tables, lv.colorspace
 
-    def _tile_message(self, level: int, index: int, problem: str) -> str:
+    def tile_message(self, level: int, index: int, problem: str) -> str:
+        """One-line error text naming the slide, the level and the tile (index, column, row)."""
         lv = self._levels[level]
         col, row = index % lv.tiles_across, index // lv.tiles_across
         return (
