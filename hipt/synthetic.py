@@ -31,14 +31,14 @@ import numpy as np
 import tifffile
 
 # Colours of the stains and the glass (RGB).
-GLASS_RGB = np.array([242.0, 241.0, 244.0])
-EOSIN_RGB = np.array([232.0, 150.0, 190.0])
-HEMATOXYLIN_RGB = np.array([155.0, 95.0, 175.0])
-NUCLEUS_RGB = np.array([75.0, 35.0, 120.0])
+GLASS_RGB = np.array([242.0, 241.0, 244.0], dtype=np.float32)
+EOSIN_RGB = np.array([232.0, 150.0, 190.0], dtype=np.float32)
+HEMATOXYLIN_RGB = np.array([155.0, 95.0, 175.0], dtype=np.float32)
+NUCLEUS_RGB = np.array([75.0, 35.0, 120.0], dtype=np.float32)
 PEN_RGB = {
-    "blue": np.array([35.0, 60.0, 190.0]),
-    "green": np.array([30.0, 140.0, 70.0]),
-    "black": np.array([25.0, 25.0, 30.0]),
+    "blue": np.array([35.0, 60.0, 190.0], dtype=np.float32),
+    "green": np.array([30.0, 140.0, 70.0], dtype=np.float32),
+    "black": np.array([25.0, 25.0, 30.0], dtype=np.float32),
 }
 
 NUCLEUS_CELL_UM = 14.0  # one candidate nucleus per cell of this side
@@ -62,16 +62,13 @@ def _hash_uniform(ix: np.ndarray, iy: np.ndarray, seed: int, salt: int) -> np.nd
     return (h >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
-def _interp_matrix(centres_um: np.ndarray, step_um: float, n_nodes: int) -> np.ndarray:
-    """Linear-interpolation weights ``[len(centres), n_nodes]`` from a 1-D grid of nodes."""
+def _interp_index(
+    centres_um: np.ndarray, step_um: float, n_nodes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left node index and weight of the right node for linear interpolation on a 1-D grid."""
     pos = np.clip(centres_um / step_um, 0, n_nodes - 1)
     i0 = np.minimum(np.floor(pos).astype(np.int64), n_nodes - 2)
-    frac = pos - i0
-    w = np.zeros((len(centres_um), n_nodes))
-    rows = np.arange(len(centres_um))
-    w[rows, i0] = 1 - frac
-    w[rows, i0 + 1] = frac
-    return w
+    return i0, (pos - i0).astype(np.float32)
 
 
 @dataclass
@@ -147,13 +144,12 @@ class TissueModel:
         return (np.arange(start_px, start_px + n) + 0.5) * mpp
 
     def _smooth(self, grid: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        wy = _interp_matrix(ys, FIELD_STEP_UM, self.ny)
-        wx = _interp_matrix(xs, FIELD_STEP_UM, self.nx)
-        # Only the nodes the tile touches take part: keeps the product small on huge slides.
-        cols = np.flatnonzero(wx.any(axis=0))
-        rows = np.flatnonzero(wy.any(axis=0))
-        sub = grid[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        return wy[:, rows[0] : rows[-1] + 1] @ sub @ wx[:, cols[0] : cols[-1] + 1].T
+        """Bilinear interpolation of a node grid at pixel centres (separable, no BLAS)."""
+        iy, fy = _interp_index(ys, FIELD_STEP_UM, self.ny)
+        ix, fx = _interp_index(xs, FIELD_STEP_UM, self.nx)
+        g = grid.astype(np.float32, copy=False)
+        rows = g[iy] * (1 - fy)[:, None] + g[iy + 1] * fy[:, None]
+        return rows[:, ix] * (1 - fx) + rows[:, ix + 1] * fx
 
     def tissue_alpha(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> np.ndarray:
         """Tissue coverage in [0, 1] of the pixels of a rectangle at ``mpp`` (soft edge)."""
@@ -161,7 +157,7 @@ class TissueModel:
         inside = (xs < self.width_um)[None, :] & (ys < self.height_um)[:, None]
         f = self._smooth(self.tissue_field, xs, ys)
         # Soft edge about 4 µm wide, so differently sampled scans agree after averaging.
-        alpha = np.clip(f / 0.02 + 0.5, 0.0, 1.0)
+        alpha = np.clip(f / np.float32(0.02) + np.float32(0.5), 0.0, 1.0)
         return np.where(inside, alpha, 0.0)
 
     def mask(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> np.ndarray:
@@ -171,37 +167,46 @@ class TissueModel:
     def render(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> np.ndarray:
         """RGB uint8 ``[h, w, 3]`` of the rectangle whose top-left pixel is ``(x0_px, y0_px)``."""
         xs, ys = self._centres(x0_px, w, mpp), self._centres(y0_px, h, mpp)
-        alpha = self.tissue_alpha(x0_px, y0_px, w, h, mpp)
-        img = np.empty((h, w, 3), dtype=np.float32)
-        img[:] = GLASS_RGB
+        alpha = self.tissue_alpha(x0_px, y0_px, w, h, mpp).astype(np.float32)
         if alpha.any():
+            # Composited in place (x += a * (colour - x)) to keep temporaries few.
             stain = np.clip(self._smooth(self.stain_field, xs, ys), 0, 1)[..., None]
-            tissue = (1 - stain) * EOSIN_RGB + stain * HEMATOXYLIN_RGB
+            img = stain * (HEMATOXYLIN_RGB - EOSIN_RGB)
+            img += EOSIN_RGB
             if self.nuclei and mpp < 4.0:
                 nuc = self._nuclei_alpha(xs, ys)[..., None]
-                tissue = (1 - nuc) * tissue + nuc * NUCLEUS_RGB
-            a = alpha[..., None]
-            img = (1 - a) * img + a * tissue
+                img += nuc * (NUCLEUS_RGB - img)
+            img -= GLASS_RGB
+            img *= alpha[..., None]
+            img += GLASS_RGB
+        else:
+            img = np.empty((h, w, 3), dtype=np.float32)
+            img[:] = GLASS_RGB
         for s in self.strokes:
             pen = self._stroke_alpha(s, xs, ys)
             if pen is not None:
-                img = (1 - pen[..., None]) * img + pen[..., None] * PEN_RGB[s.colour]
-        return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+                img += pen.astype(np.float32)[..., None] * (PEN_RGB[s.colour] - img)
+        img += 0.5
+        np.clip(img, 0, 255, out=img)
+        return img.astype(np.uint8)
 
     def _nuclei_alpha(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         cell = NUCLEUS_CELL_UM
         cx, cy = np.floor(xs / cell).astype(np.int64), np.floor(ys / cell).astype(np.int64)
-        ix, iy = np.meshgrid(cx, cy)
-        present = _hash_uniform(ix, iy, self.seed, 1) < 0.55
-        radius = 2.5 + 1.5 * _hash_uniform(ix, iy, self.seed, 2)
+        # Hash once per cell (few per tile), then gather per pixel.
+        ux, uy = np.arange(cx[0], cx[-1] + 1), np.arange(cy[0], cy[-1] + 1)
+        gx, gy = np.meshgrid(ux, uy)
+        present = _hash_uniform(gx, gy, self.seed, 1) < 0.55
+        radius = 2.5 + 1.5 * _hash_uniform(gx, gy, self.seed, 2)
         # The centre keeps the nucleus inside its own cell, so one cell lookup per pixel suffices.
-        ox = radius + (cell - 2 * radius) * _hash_uniform(ix, iy, self.seed, 3)
-        oy = radius + (cell - 2 * radius) * _hash_uniform(ix, iy, self.seed, 4)
-        dx = (xs - cx * cell)[None, :] - ox
-        dy = (ys - cy * cell)[:, None] - oy
+        ox = gx * cell + radius + (cell - 2 * radius) * _hash_uniform(gx, gy, self.seed, 3)
+        oy = gy * cell + radius + (cell - 2 * radius) * _hash_uniform(gx, gy, self.seed, 4)
+        radius = np.where(present, radius, -10.0).astype(np.float32)
+        jx, jy = (cx - cx[0])[None, :], (cy - cy[0])[:, None]
+        dx = xs.astype(np.float32)[None, :] - ox.astype(np.float32)[jy, jx]
+        dy = ys.astype(np.float32)[:, None] - oy.astype(np.float32)[jy, jx]
         d = np.sqrt(dx * dx + dy * dy)
-        a = np.clip((radius - d) / EDGE_SOFTNESS_UM + 0.5, 0.0, 1.0)
-        return np.where(present, 0.85 * a, 0.0)
+        return np.clip((radius[jy, jx] - d) / EDGE_SOFTNESS_UM + 0.5, 0.0, 1.0) * np.float32(0.85)
 
     def _stroke_alpha(self, s: PenStroke, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
         half = s.width_um / 2 + EDGE_SOFTNESS_UM

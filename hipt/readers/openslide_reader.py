@@ -28,6 +28,20 @@ def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def _unsupported_reason(path: Path) -> str:
+    """Why OpenSlide rejected a file, as far as its first bytes tell."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not head:
+        return "is empty, not a slide"
+    if head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+"):
+        return "a TIFF that OpenSlide cannot read (truncated, damaged or an unsupported layout)"
+    return "not a slide format OpenSlide can read"
+
+
 class OpenSlideReader:
     """A :class:`~hipt.readers.base.LevelReader` over ``openslide.OpenSlide``.
 
@@ -57,7 +71,7 @@ class OpenSlideReader:
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideReadError(f"{self.path}: not a slide format OpenSlide can read") from None
+            raise SlideReadError(f"{self.path}: {_unsupported_reason(self.path)}") from None
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             raise SlideReadError(f"{self.path}: OpenSlide cannot open it ({exc})") from None
         try:

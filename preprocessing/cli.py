@@ -1,0 +1,130 @@
+"""``hipt tile``: segment tissue and cut slides into 4096 px regions.
+
+Writes ``OUT/tiles/<slide_id>.h5``, ``OUT/qc/<slide_id>.png`` and ``OUT/tiling.csv``. Exit code 0
+when every slide is tiled (or skipped), 1 when any slide failed, 2 when the output folder cannot
+be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hipt.geometry import REGION_PX
+from hipt.readers import READERS
+from preprocessing.tiler import TileResult, TileSettings, tile_batch
+from preprocessing.tissue import SegmentationParams
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``hipt tile``."""
+    parser.add_argument(
+        "inputs", nargs="+", metavar="SLIDES_OR_DIRS", help="slide files or folders of slides"
+    )
+    parser.add_argument("--out", required=True, help="output folder (tiles/, qc/, tiling.csv)")
+    parser.add_argument(
+        "--target-mpp", type=_positive, default=0.5, help="µm/px of the regions (default 0.5)"
+    )
+    parser.add_argument(
+        "--region-px",
+        type=int,
+        default=REGION_PX,
+        help=f"region side in px at --target-mpp (default {REGION_PX})",
+    )
+    parser.add_argument(
+        "--min-tissue",
+        type=_fraction,
+        default=0.25,
+        help="minimum tissue fraction of a region (default 0.25)",
+    )
+    parser.add_argument(
+        "--mpp",
+        type=_positive,
+        default=None,
+        help="level-0 µm/px of every slide, overriding the metadata",
+    )
+    parser.add_argument(
+        "--trust-metadata",
+        action="store_true",
+        help="accept a µm/px that disagrees with the objective power by more than 1.5x",
+    )
+    parser.add_argument(
+        "--reader", choices=READERS, default="auto", help="pixel reader (default auto)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="slides tiled in parallel (processes)"
+    )
+    parser.add_argument(
+        "--seg-mpp",
+        type=_positive,
+        default=SegmentationParams.seg_mpp,
+        help="µm/px of the segmentation image",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo slides whose tiles file is already complete"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def summary(results: list[TileResult]) -> str:
+    """A short text summary: counts by status, then every failed or skipped-with-reason slide."""
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    regions = sum(r.n_regions for r in results if r.status in ("ok", "skipped"))
+    lines = [
+        f"tiled {counts['ok']} slide(s), skipped {counts['skipped']}, failed {counts['failed']}; "
+        f"{regions} regions in total"
+    ]
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        lines.append("failed:")
+        lines += [f"  {r.slide_id}: {r.error}" for r in failed]
+    noted = [r for r in results if r.status == "skipped" and r.error]
+    if noted:
+        lines.append("not processed:")
+        lines += [f"  {r.slide_id}: {r.error}" for r in noted]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``hipt tile``; returns the exit code."""
+    from pathlib import Path
+
+    settings = TileSettings(
+        target_mpp=args.target_mpp,
+        region_px=args.region_px,
+        min_tissue=args.min_tissue,
+        mpp=args.mpp,
+        trust_metadata=args.trust_metadata,
+        reader=args.reader,
+        seg=SegmentationParams(seg_mpp=args.seg_mpp),
+    )
+    out = Path(args.out)
+    try:
+        results = tile_batch(
+            args.inputs,
+            out,
+            settings,
+            workers=max(1, args.workers),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except OSError as exc:
+        print(f"hipt tile: {exc}", file=sys.stderr)
+        return 2
+    print(summary(results))
+    print(f"wrote {out / 'tiling.csv'}")
+    return 1 if any(r.status == "failed" for r in results) else 0

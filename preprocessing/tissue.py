@@ -1,0 +1,219 @@
+"""Tissue segmentation on a low-resolution image of the slide.
+
+Otsu's threshold on HSV saturation separates stained tissue from glass; binary closing and hole
+filling make the mask whole, small fragments are dropped, and pen marks (saturated blue/green
+strokes, near-black ink) and pure background are rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from hipt.readers import SlideReadError
+from hipt.slide import Slide
+
+
+class NoTissueError(SlideReadError):
+    """Segmentation found no tissue on the slide; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SegmentationParams:
+    """Parameters of :func:`segment_rgb`; all are recorded in the tiles file as ``seg_*`` attrs.
+
+    Attributes
+    ----------
+    seg_mpp : float
+        µm/px of the image segmented (the nearest pyramid level at or above it is used).
+    min_image_px : int
+        Small slides are segmented at a finer µm/px so the image keeps at least this many pixels
+        on its longest side.
+    min_saturation : float
+        Floor for the Otsu threshold: glass is never tissue, even on a blank slide.
+    closing_iterations : int
+        Iterations of 3×3 binary closing before holes are filled.
+    min_fragment_um2 : float
+        Tissue fragments smaller than this area (µm²) are dropped.
+    pen_min_saturation : float
+        Pen ink is at least this saturated ...
+    pen_hue_range : tuple of float
+        ... with a hue in this range (degrees; blue and green, away from H&E's pink/purple).
+    dark_max_value : float
+        Pixels darker than this HSV value (0-1) are ink or debris, not tissue.
+    """
+
+    seg_mpp: float = 16.0
+    min_image_px: int = 512
+    min_saturation: float = 0.07
+    closing_iterations: int = 3
+    min_fragment_um2: float = 20_000.0
+    pen_min_saturation: float = 0.3
+    pen_hue_range: tuple[float, float] = (70.0, 250.0)
+    dark_max_value: float = 0.2
+
+    def as_attrs(self) -> dict[str, float | int | str]:
+        """Flat ``seg_*`` attributes for the tiles file."""
+        out: dict[str, float | int | str] = {}
+        for key, value in asdict(self).items():
+            name = key if key.startswith("seg_") else f"seg_{key}"
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass
+class TissueMask:
+    """A tissue mask and the image it was computed on.
+
+    ``downsample`` is level-0 pixels per mask pixel; ``mask_mpp`` the mask's µm/px.
+    """
+
+    mask: np.ndarray
+    image: np.ndarray
+    downsample: float
+    mask_mpp: float
+    threshold: float
+    pen: np.ndarray
+
+    @property
+    def tissue_px(self) -> int:
+        return int(self.mask.sum())
+
+    def bbox_level0(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the tissue in level-0 px (``x1``, ``y1`` exclusive)."""
+        ys, xs = np.nonzero(self.mask)
+        d = self.downsample
+        return (
+            int(math.floor(xs.min() * d)),
+            int(math.floor(ys.min() * d)),
+            int(math.ceil((xs.max() + 1) * d)),
+            int(math.ceil((ys.max() + 1) * d)),
+        )
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees), saturation and value (0-1) of a uint8 RGB image, as float32 arrays."""
+    x = rgb.astype(np.float32) / 255.0
+    mx, mn = x.max(axis=-1), x.min(axis=-1)
+    delta = mx - mn
+    sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    safe = np.maximum(delta, 1e-6)
+    hue = np.where(
+        mx == r,
+        ((g - b) / safe) % 6.0,
+        np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
+    )
+    hue = np.where(delta > 0, hue * 60.0, 0.0).astype(np.float32)
+    return hue, sat, mx.astype(np.float32)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1] (maximises the between-class variance)."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    if hist.sum() == 0:
+        return 1.0
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1e-12)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def segment_rgb(
+    rgb: np.ndarray, image_mpp: float, params: SegmentationParams | None = None
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Segment tissue in a low-resolution RGB image.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 ``[h, w, 3]``.
+    image_mpp : float
+        µm/px of ``rgb`` (sets the fragment-size limit in pixels).
+    params : SegmentationParams, optional
+
+    Returns
+    -------
+    mask : ndarray of bool
+        Tissue.
+    threshold : float
+        The saturation threshold used.
+    pen : ndarray of bool
+        Pixels rejected as pen ink or dark debris.
+
+    Examples
+    --------
+    >>> img = np.full((64, 64, 3), 240, np.uint8)
+    >>> img[16:48, 16:48] = (220, 140, 190)
+    >>> mask, t, pen = segment_rgb(img, 16.0, SegmentationParams(min_fragment_um2=0))
+    >>> int(mask.sum())
+    1024
+    """
+    p = params or SegmentationParams()
+    hue, sat, val = rgb_to_hsv(rgb)
+    pen = (sat >= p.pen_min_saturation) & (hue >= p.pen_hue_range[0]) & (hue <= p.pen_hue_range[1])
+    pen |= val < p.dark_max_value
+    # Otsu sees only pixels that could be tissue or glass, so ink does not skew the threshold.
+    candidates = sat[~pen]
+    threshold = max(otsu_threshold(candidates) if candidates.size else 1.0, p.min_saturation)
+    mask = (sat > threshold) & ~pen
+    if p.closing_iterations > 0:
+        # Closing needs a margin, otherwise tissue touching the border erodes.
+        pad = p.closing_iterations
+        mask = np.pad(mask, pad)
+        mask = ndimage.binary_closing(mask, np.ones((3, 3), bool), iterations=p.closing_iterations)
+        mask = mask[pad:-pad, pad:-pad]
+    mask = ndimage.binary_fill_holes(mask)
+    # Ink across tissue stays out of the mask even after closing and filling.
+    mask &= ~pen
+    min_px = p.min_fragment_um2 / (image_mpp * image_mpp)
+    if min_px > 1 and mask.any():
+        labels, n = ndimage.label(mask)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= min_px
+        keep[0] = False
+        mask = keep[labels]
+    return mask, float(threshold), pen
+
+
+def segment_tissue(slide: Slide, params: SegmentationParams | None = None) -> TissueMask:
+    """Segment a slide on a low-resolution level.
+
+    Raises
+    ------
+    NoTissueError
+        No tissue was found (the message names the slide).
+    SlideReadError
+        The low-resolution level could not be read.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from hipt.synthetic import write_generic_tiff
+    >>> p = write_generic_tiff(pathlib.Path(tempfile.mkdtemp()) / "s.tiff", 2048, 2048).path
+    >>> with Slide(p) as s:
+    ...     tm = segment_tissue(s)
+    >>> tm.tissue_px > 0
+    True
+    """
+    p = params or SegmentationParams()
+    w0, h0 = slide.dimensions
+    extent_um = max(w0, h0) * slide.mpp_level0
+    max_px = max(int(math.ceil(extent_um / p.seg_mpp)), p.min_image_px)
+    image, downsample = slide.thumbnail(max_px)
+    mask_mpp = slide.mpp_level0 * downsample
+    mask, threshold, pen = segment_rgb(image, mask_mpp, p)
+    if not mask.any():
+        raise NoTissueError(
+            f"{slide.path}: no tissue found (saturation threshold {threshold:.3f} at "
+            f"{mask_mpp:.1f} µm/px); check the slide or its thumbnail"
+        )
+    return TissueMask(mask, image, downsample, mask_mpp, threshold, pen)
