@@ -199,7 +199,7 @@ def make_survival_cohort(
     regions: tuple[int, int] = (20, 40),
     n_informative: int = 3,
     signal: float = 3.0,
-    log_hazard_scale: float = 1.5,
+    log_hazard_scale: float = 2.0,
     baseline_hazard: float = 0.05,
     censor_fraction: float = 0.3,
     dim: int = 192,

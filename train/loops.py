@@ -111,6 +111,7 @@ class FoldRunner:
         self.device = torch.device(cfg.get("device") or "cpu")
         self.tr = cfg["train"]
         self.alpha = float(cfg["survival"]["alpha"])
+        self._targets: dict[str, tuple[torch.Tensor, ...]] = {}
         if self.task == "survival":
             train = [cohort.case(c) for c in cases["train"]]
             self.edges = bin_edges(
@@ -121,6 +122,11 @@ class FoldRunner:
 
     # ------------------------------------------------------------------ targets
     def _target(self, case_id: str) -> tuple[torch.Tensor, ...]:
+        if case_id not in self._targets:
+            self._targets[case_id] = self._make_target(case_id)
+        return self._targets[case_id]
+
+    def _make_target(self, case_id: str) -> tuple[torch.Tensor, ...]:
         c = self.cohort.case(case_id)
         if self.task == "subtype":
             return (torch.tensor([c.label], device=self.device),)

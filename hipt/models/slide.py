@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hipt.geometry import patch_grid_to_vit4k_input
 from hipt.models.registry import ModelInfo, register_model
 
 TASKS = ("classification", "survival")
@@ -166,9 +167,8 @@ class HIPTLGP(nn.Module):
     def forward(self, bag: torch.Tensor) -> SlideOutput:
         """[M, 256, 384] patch features (row-major 16×16 grid) → :class:`SlideOutput`."""
         _check_bag(bag, 3, (256, 384), type(self).__name__)
-        m = bag.shape[0]
         # Token k sits at (k // 16, k % 16): [M, 256, 384] → [M, 384, 16, 16].
-        grid = bag.float().transpose(1, 2).reshape(m, 384, 16, 16)
+        grid = patch_grid_to_vit4k_input(bag.float())
         if self.freeze_vit4k:
             with torch.no_grad():
                 regions = self.local_vit(grid)
