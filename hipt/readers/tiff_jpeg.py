@@ -298,14 +298,26 @@ class TiffJpegReader:
             A tile cannot be read or decoded; the message names the slide, level and tile.
         """
         self.check_read(level, width, height)
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
         jobs = self.plan(level, x0, y0, width, height)
+        if not jobs:
+            return np.full((height, width, 3), 255, dtype=np.uint8)
+        # Only the margin outside the slide is painted white: filling a whole 4096 region
+        # first would cost about a sixth of its decode time.
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        r0 = min(j[2][0].start for j in jobs)
+        r1 = max(j[2][0].stop for j in jobs)
+        c0 = min(j[2][1].start for j in jobs)
+        c1 = max(j[2][1].stop for j in jobs)
+        out[:r0] = 255
+        out[r1:] = 255
+        out[r0:r1, :c0] = 255
+        out[r0:r1, c1:] = 255
 
         def run(some: list) -> None:
             for index, src, dst in some:
                 tile = self.decode_tile(level, index)
-                if tile is not None:
-                    out[dst] = tile[src]  # disjoint windows: no lock needed
+                # Disjoint windows: no lock needed. A missing tile is white, as in OpenSlide.
+                out[dst] = 255 if tile is None else tile[src]
 
         n = min(self._threads, len(jobs))
         if n <= 1:
