@@ -86,6 +86,8 @@ MATCH_KEYS = (
     "tiles_sha256",
     "target_mpp",
     "random_weights",
+    "random_seed",
+    "random_depth",
 )
 
 
@@ -452,12 +454,12 @@ def embed_tiles(
     t_run = time.perf_counter()
     out = Path(out)
     features_dir = out / "features"
-    features_dir.mkdir(parents=True, exist_ok=True)
     shard = resolve_shard(shard) if isinstance(shard, str) else shard
     if batch_regions < 1:
         raise ValueError(f"batch_regions must be >= 1, got {batch_regions}")
     workers = _default_workers() if workers is None else int(workers)
     dev = _pick_device(device)
+    paths = shard_items(list_tiles(tiles), shard, key=lambda p: p.stem)
 
     if encoder is None:
         if not random_weights:
@@ -497,8 +499,7 @@ def embed_tiles(
     precision = "bf16-autocast" if dev.type == "cuda" else "fp32"
 
     # -- which slides: read every tiles file of this shard, decide skip / redo / fail.
-    paths = list_tiles(tiles)
-    paths = shard_items(paths, shard, key=lambda p: p.stem)
+    features_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out / csv_name(shard)
     previous = read_embedding_csv(csv_path)
     results: dict[str, SlideResult] = {}
@@ -746,6 +747,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar or per-slide lines"
     )
+    # Shallower random encoders (same widths, same file schema) for cheap end-to-end checks of
+    # the pipeline itself; recorded in the random_depth attr. Not for real use, so not listed.
+    parser.add_argument("--random-depth", type=_depths, default=None, help=argparse.SUPPRESS)
+
+
+def _depths(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two block counts, e.g. 2,1")
+    return int(parts[0]), int(parts[1])
 
 
 def main(args: argparse.Namespace) -> int:
