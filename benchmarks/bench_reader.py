@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="where slides are written")
     args = p.parse_args(argv)
 
+    from hipt.atomic import atomic_path
     from hipt.readers.tiff_jpeg import default_threads
     from hipt.synthetic import write_generic_tiff
 
@@ -191,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             path = workdir / f"bench_{args.size}_{tile}.tiff"
             if not path.exists():
                 t = time.perf_counter()
-                write_generic_tiff(path, args.size, args.size, mpp=0.5, tile_px=tile, seed=11)
+                with atomic_path(path) as tmp_path:  # a killed run leaves no half slide
+                    write_generic_tiff(
+                        tmp_path, args.size, args.size, mpp=0.5, tile_px=tile, seed=11
+                    )
                 print(f"wrote {path.name} in {time.perf_counter() - t:.1f} s")
             _warm_cache(path)
             corners = _regions(args.size, args.regions, REGION_PX)

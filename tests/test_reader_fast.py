@@ -538,3 +538,37 @@ def test_device_decode_names_a_corrupt_tile(tmp_path):
         dec = GpuTileDecoder(r, _device())
         with pytest.raises(SlideReadError, match=r"gbroken\.tiff.*level 0, tile 5\b"):
             dec.read_level(0, 0, 0, 1024, 768)
+
+
+def _threads_in_worker(_: int) -> int:
+    from hipt.readers.tiff_jpeg import default_threads
+
+    return default_threads()
+
+
+def test_default_threads(monkeypatch):
+    import torch
+
+    from hipt.readers.tiff_jpeg import default_threads
+
+    monkeypatch.delenv("HIPT_READER_THREADS", raising=False)
+    assert 1 <= default_threads() <= 4
+    monkeypatch.setenv("HIPT_READER_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("HIPT_READER_THREADS")
+    # Inside DataLoader workers the workers are the parallelism: one decode thread each.
+    loader = torch.utils.data.DataLoader(
+        _Range(2), batch_size=None, num_workers=1, collate_fn=_threads_in_worker
+    )
+    assert list(loader) == [1, 1]
+
+
+class _Range:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i

@@ -32,6 +32,12 @@ Pixel equality with OpenSlide (measured in ``tests/test_reader_fast.py``):
 * Negative corners follow OpenSlide: the output is shifted by ``int(-x0 / downsample)`` pixels
   and the level is read from its first column.
 
+Levels are chosen as OpenSlide chooses them: for Aperio every tiled IFD in file order (the
+stripped thumbnail, label and macro are not levels, whatever their ``subfiletype``); for generic
+TIFF the first IFD plus every tiled IFD whose ``subfiletype`` has the reduced-resolution bit,
+sorted by width. The level list is cross-checked against OpenSlide's when the reader opens, and
+``properties`` is OpenSlide's own property map (read once), so µm/px keys are identical.
+
 Thread and process safety: each instance owns one file descriptor and reads with ``os.pread``,
 so there is no shared seek position and any number of threads may read at once. After a
 ``fork`` the thread pool is recreated in the child; DataLoader workers should each open their
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,11 +71,23 @@ class UnsupportedSlideError(SlideReadError):
 
 
 def default_threads() -> int:
-    """Decode threads per reader: the CPUs this process may use, at most 4.
+    """Decode threads per reader.
 
-    More threads than that gain little for one 4096 px region and oversubscribe DataLoader
-    workers that each hold a reader.
+    ``HIPT_READER_THREADS`` if set; 1 inside a PyTorch DataLoader worker (the workers already
+    use the cores, and threads on top would oversubscribe them); otherwise the CPUs this
+    process may use, at most 4 (more gain little for one 4096 px region).
     """
+    env = os.environ.get("HIPT_READER_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"HIPT_READER_THREADS must be an integer, not {env!r}") from None
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is not None:
+        data = getattr(getattr(torch, "utils", None), "data", None)
+        if data is not None and data.get_worker_info() is not None:
+            return 1
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -221,7 +240,9 @@ class TiffJpegReader:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         self.path = Path(path)
-        self._threads = default_threads() if threads is None else max(1, int(threads))
+        self._threads_arg = None if threads is None else max(1, int(threads))
+        self._threads_pid = -1
+        self._threads_n = 1
         self._fd: int | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
@@ -319,7 +340,7 @@ class TiffJpegReader:
                 # Disjoint windows: no lock needed. A missing tile is white, as in OpenSlide.
                 out[dst] = 255 if tile is None else tile[src]
 
-        n = min(self._threads, len(jobs))
+        n = min(self.threads, len(jobs))
         if n <= 1:
             run(jobs)
         else:
@@ -436,6 +457,16 @@ class TiffJpegReader:
             f"(column {col}, row {row}): {problem}"
         )
 
+    @property
+    def threads(self) -> int:
+        """Decode threads in this process (a default is worked out again after a fork)."""
+        if self._threads_arg is not None:
+            return self._threads_arg
+        pid = os.getpid()
+        if self._threads_pid != pid:
+            self._threads_n, self._threads_pid = default_threads(), pid
+        return self._threads_n
+
     def _executor(self) -> ThreadPoolExecutor:
         # A pool inherited through fork has no threads behind it: make a fresh one per process.
         pid = os.getpid()
@@ -443,7 +474,7 @@ class TiffJpegReader:
             with self._pool_lock:
                 if self._pool is None or self._pool_pid != pid:
                     self._pool = ThreadPoolExecutor(
-                        max_workers=self._threads, thread_name_prefix="hipt-jpeg"
+                        max_workers=self.threads, thread_name_prefix="hipt-jpeg"
                     )
                     self._pool_pid = pid
         return self._pool
@@ -475,7 +506,7 @@ class TiffJpegReader:
 
     def __reduce__(self):
         # Each process gets its own descriptor and pool.
-        return (type(self), (str(self.path), self._threads))
+        return (type(self), (str(self.path), self._threads_arg))
 
     def __repr__(self) -> str:
         return (
