@@ -262,20 +262,29 @@ class Slide:
         """A low-resolution RGB image of the whole slide and its level-0 downsample.
 
         Reads :meth:`thumbnail_level`; if that level is still larger than ``max_px`` (no pyramid),
-        reads it in strips and area-averages each, so memory stays bounded.
+        it is area-averaged down strip by strip, so memory stays bounded.
 
         Returns
         -------
         image : ndarray
-            uint8 ``[h, w, 3]``.
+            uint8 ``[h, w, 3]``, longest side at most ``max_px``.
         downsample : float
-            Level-0 pixels per thumbnail pixel (same on both axes).
+            Level-0 pixels per image pixel (same on both axes).
         """
         level = self.thumbnail_level(max_px)
+        k = max(1, math.ceil(max(self.level_dimensions[level]) / max_px))
+        return self.read_level_reduced(level, k)
+
+    def read_level_reduced(self, level: int, factor: int) -> tuple[np.ndarray, float]:
+        """The whole of ``level`` area-averaged by an integer ``factor``, read in strips.
+
+        Returns the image and its level-0 downsample (``level_downsamples[level] * factor``).
+        The last row and column average in white where the level does not fill the block.
+        """
         w, h = self.level_dimensions[level]
         ds = self.level_downsamples[level]
-        k = max(1, int(math.ceil(max(w, h) / max_px)))
-        if k == 1:
+        k = int(factor)
+        if k <= 1:
             return self.read_level(level, 0, 0, w, h), ds
         out_w, out_h = -(-w // k), -(-h // k)
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)

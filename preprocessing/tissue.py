@@ -184,6 +184,25 @@ def segment_rgb(
     return mask, float(threshold), pen
 
 
+def segmentation_image(
+    slide: Slide, params: SegmentationParams | None = None
+) -> tuple[np.ndarray, float]:
+    """The low-resolution image segmentation runs on, and its level-0 downsample.
+
+    Aims at ``seg_mpp`` (or finer, so the image keeps ``min_image_px`` on its longest side): takes
+    the coarsest level at least that fine and area-averages it by an integer factor.
+    """
+    p = params or SegmentationParams()
+    w0, h0 = slide.dimensions
+    want_px = max(math.ceil(max(w0, h0) * slide.mpp_level0 / p.seg_mpp), p.min_image_px)
+    level = 0
+    for i in range(slide.level_count):
+        if max(slide.level_dimensions[i]) >= want_px:
+            level = i
+    k = max(1, max(slide.level_dimensions[level]) // want_px)
+    return slide.read_level_reduced(level, k)
+
+
 def segment_tissue(slide: Slide, params: SegmentationParams | None = None) -> TissueMask:
     """Segment a slide on a low-resolution level.
 
@@ -205,10 +224,7 @@ def segment_tissue(slide: Slide, params: SegmentationParams | None = None) -> Ti
     True
     """
     p = params or SegmentationParams()
-    w0, h0 = slide.dimensions
-    extent_um = max(w0, h0) * slide.mpp_level0
-    max_px = max(int(math.ceil(extent_um / p.seg_mpp)), p.min_image_px)
-    image, downsample = slide.thumbnail(max_px)
+    image, downsample = segmentation_image(slide, p)
     mask_mpp = slide.mpp_level0 * downsample
     mask, threshold, pen = segment_rgb(image, mask_mpp, p)
     if not mask.any():

@@ -1,0 +1,277 @@
+"""The region grid and the tiler, checked against the generated slides' true geometry."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hipt.h5schema import TILES_REQUIRED_ATTRS, read_tiles
+from hipt.slide import Slide
+from preprocessing.tiler import (
+    CSV_COLUMNS,
+    TileSettings,
+    collect_slides,
+    region_grid,
+    tile_batch,
+    tile_slide,
+)
+from preprocessing.tissue import TissueMask
+
+
+def _mask(shape, ds, boxes):
+    m = np.zeros(shape, bool)
+    for y0, y1, x0, x1 in boxes:
+        m[y0:y1, x0:x1] = True
+    img = np.full((*shape, 3), 240, np.uint8)
+    return TissueMask(m, img, float(ds), ds * 0.5, 0.1, np.zeros(shape, bool))
+
+
+def test_grid_is_anchored_at_the_tissue_box():
+    tm = _mask((64, 64), 32, [(8, 40, 8, 24)])  # level-0 x 256..768, y 256..1280
+    g = region_grid(tm, 512, 0.25)
+    assert g.origin_level0 == (256, 256) and g.grid_shape == (2, 1)
+    assert g.coords.tolist() == [[256, 256], [256, 768]]
+    assert g.coords.dtype == np.int64
+    assert np.allclose(g.tissue_fraction, [1.0, 1.0])
+
+
+def test_threshold_and_small_fragments():
+    # A 24x16 px block (fractions 1.0 and 0.5) and a lone 2x2 px fragment far away.
+    tm = _mask((64, 64), 32, [(8, 32, 8, 24), (50, 52, 50, 52)])
+    g = region_grid(tm, 512, 0.6)
+    assert g.grid_shape == (3, 3)
+    got = {tuple(c): round(float(f), 4) for c, f in zip(g.coords, g.tissue_fraction, strict=True)}
+    # (256, 768) holds 8x16 of 16x16 px: 0.5 < 0.6, dropped, but its fragment is touched by
+    # the kept (256, 256) region. The lone fragment keeps its own region.
+    assert got == {(256, 256): 1.0, (1280, 1280): round(4 / 256, 4)}
+
+
+def test_fraction_counts_outside_the_slide_as_glass():
+    tm = _mask((10, 10), 100, [(0, 10, 0, 10)])  # the whole 1000 px slide is tissue
+    g = region_grid(tm, 2000, 0.2)
+    assert g.coords.tolist() == [[0, 0]]
+    assert g.tissue_fraction[0] == pytest.approx(0.25)
+
+
+def _true_fractions(synth, coords, region0, fine_mpp=4.0):
+    truth = synth.tissue_mask(fine_mpp)
+    f = fine_mpp / synth.mpp
+    out = []
+    for x, y in coords:
+        x0, y0 = round(x / f), round(y / f)
+        n = round(region0 / f)
+        out.append(truth[y0 : y0 + n, x0 : x0 + n].sum() / (n * n))
+    return np.array(out)
+
+
+def _true_origin(synth, min_fragment_um2, mpp=2.0):
+    """Top-left (level 0) of the true tissue, without fragments the segmentation drops."""
+    from scipy import ndimage
+
+    m = synth.tissue_mask(mpp)
+    labels, _ = ndimage.label(m)
+    sizes = np.bincount(labels.ravel()) * mpp * mpp
+    big = (sizes >= min_fragment_um2)[labels] & m
+    ys, xs = np.nonzero(big)
+    f = mpp / synth.mpp
+    return xs.min() * f, ys.min() * f
+
+
+def test_regions_match_the_true_geometry(tiff_pen, tmp_path):
+    # 1024 px regions at 0.5 µm/px: a grid of several regions on this 4096x3072 slide.
+    settings = TileSettings(region_px=1024, min_tissue=0.25)
+    r = tile_slide(tiff_pen.path, tmp_path, settings)
+    assert r.status == "ok", r.error
+    t = read_tiles(tmp_path / "tiles" / "tiff_pen.h5")
+    assert len(t) == r.n_regions > 3
+    region0 = t.attrs["region_size_level0"]
+    assert region0 == 1024
+    # The grid starts at the true tissue box (to the segmentation's resolution) and steps 1024.
+    bx0, by0 = _true_origin(tiff_pen, settings.seg.min_fragment_um2)
+    ox, oy = t.attrs["grid_origin_level0"]
+    step = t.attrs["tissue_mask_mpp"] / tiff_pen.mpp
+    assert abs(ox - bx0) <= 2 * step and abs(oy - by0) <= 2 * step
+    assert ((t.coords - [ox, oy]) % region0 == 0).all()
+    # Stored tissue fractions agree with the truth; every truly tissue-rich cell is kept.
+    true = _true_fractions(tiff_pen, t.coords, region0)
+    assert np.abs(true - t.tissue_fraction).max() < 0.08
+    rows, cols = t.attrs["grid_shape"]
+    all_cells = np.array(
+        [[ox + i * region0, oy + j * region0] for j in range(rows) for i in range(cols)]
+    )
+    all_true = _true_fractions(tiff_pen, all_cells, region0)
+    kept = {tuple(c) for c in t.coords.tolist()}
+    for c, f in zip(all_cells.tolist(), all_true, strict=True):
+        if f >= 0.33:
+            assert tuple(c) in kept, (c, f)
+    # Row-major order: sorted by y, then x.
+    order = np.lexsort((t.coords[:, 0], t.coords[:, 1]))
+    assert (order == np.arange(len(order))).all()
+
+
+def test_attrs_and_clam_compatibility(svs_025, tmp_path):
+    r = tile_slide(svs_025.path, tmp_path, TileSettings(reader="openslide"))
+    assert r.status == "ok" and r.mpp_source == "openslide.mpp-x" and r.mpp_level0 == 0.25
+    t = read_tiles(tmp_path / "tiles" / "svs_025.h5")
+    for key in TILES_REQUIRED_ATTRS:
+        assert key in t.attrs
+    a = t.attrs
+    assert a["schema"] == "hipt.tiles/1"
+    assert a["slide_size"] == [4096, 4096]
+    assert a["region_size"] == 4096 and a["region_size_level0"] == 8192
+    assert a["read_level"] == 0 and a["region_size_read_level"] == 8192
+    assert a["patch_size"] == 256 and a["token_size"] == 16
+    assert a["target_mpp"] == 0.5 and a["reader"] == "openslide"
+    assert a["seg_mpp"] == 16.0 and a["min_tissue"] == 0.25
+    assert a["slide_path"] == str(svs_025.path.resolve())
+    import h5py
+
+    with h5py.File(tmp_path / "tiles" / "svs_025.h5") as f:
+        assert f["coords"].attrs["patch_level"] == 0
+        assert f["coords"].attrs["patch_size"] == 8192
+    # The whole 1024 µm tissue fits in one 2048 µm region.
+    assert len(t) == 1
+    x0, y0, _, _ = svs_025.tissue_bbox_level0()
+    assert abs(t.coords[0, 0] - x0) <= 64 and abs(t.coords[0, 1] - y0) <= 64
+
+
+def test_tiny_biopsy_yields_a_padded_region(tiny_biopsy, tmp_path):
+    r = tile_slide(tiny_biopsy.path, tmp_path, TileSettings())
+    assert r.status == "ok" and r.n_regions == 1
+    t = read_tiles(tmp_path / "tiles" / "tiny_biopsy.h5")
+    x, y = t.coords[0]
+    assert 0 <= x < 1600 and 0 <= y < 1200
+    assert x + 4096 > 1600  # extends past the slide edge
+    with Slide(tiny_biopsy.path) as s:
+        region = s.read_region(int(x), int(y), 4096, 0.5)
+    assert (region[:, 1600 - x :] == 255).all() and (region[1200 - y :] == 255).all()
+    assert (region[: 1200 - y, : 1600 - x] < 250).any()
+
+
+def test_qc_png_shows_outline_and_regions(tiff_pen, tmp_path):
+    tile_slide(tiff_pen.path, tmp_path, TileSettings(region_px=1024))
+    img = np.asarray(Image.open(tmp_path / "qc" / "tiff_pen.png").convert("RGB"))
+    assert img.shape[0] >= 300 and img.shape[1] >= 400
+    assert ((img == (0, 170, 0)).all(-1)).sum() > 100  # tissue outline
+    assert ((img == (20, 60, 230)).all(-1)).sum() > 100  # region boxes
+
+
+def test_bad_slides_fail_with_one_line(
+    not_a_slide,
+    truncated_tiff,
+    corrupt_lowres_slide,
+    no_mpp_tiff,
+    suspicious_svs,
+    blank_slide,
+    tmp_path,
+):
+    cases = {
+        not_a_slide: "not a slide",
+        truncated_tiff: "cannot read",
+        corrupt_lowres_slide.path: "",
+        no_mpp_tiff.path: "--mpp",
+        suspicious_svs.path: "suspicious",
+        blank_slide.path: "no tissue found",
+    }
+    for path, words in cases.items():
+        r = tile_slide(path, tmp_path, TileSettings())
+        assert r.status == "failed", path
+        assert str(path) in r.error and words in r.error and "\n" not in r.error
+        assert not (tmp_path / "tiles" / f"{path.stem}.h5").exists()
+    assert tile_slide(no_mpp_tiff.path, tmp_path, TileSettings(mpp=0.5)).status == "ok"
+    assert (
+        tile_slide(suspicious_svs.path, tmp_path, TileSettings(trust_metadata=True)).status == "ok"
+    )
+
+
+@pytest.fixture
+def batch_dir(tmp_path, tiff_050, tiny_biopsy, not_a_slide):
+    d = tmp_path / "in"
+    d.mkdir()
+    for p in (tiff_050.path, tiny_biopsy.path, not_a_slide):
+        shutil.copy(p, d / p.name)
+    return d
+
+
+def test_batch_rerun_skips_complete_and_redoes_partial(batch_dir, tmp_path):
+    out = tmp_path / "out"
+    first = tile_batch([batch_dir], out, TileSettings(), progress=False)
+    assert [(r.slide_id, r.status) for r in first] == [
+        ("notes", "failed"),
+        ("tiff_050", "ok"),
+        ("tiny_biopsy", "ok"),
+    ]
+    rows = list(csv.DictReader(open(out / "tiling.csv")))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 3
+    assert rows[1]["status"] == "ok" and int(rows[1]["n_regions"]) == first[1].n_regions
+    assert rows[1]["mpp_source"] == "openslide.mpp-x" and float(rows[1]["mpp_level0"]) == 0.5
+    assert "not a slide" in rows[0]["error"]
+
+    second = tile_batch([batch_dir], out, TileSettings(), progress=False)
+    assert [r.status for r in second] == ["failed", "skipped", "skipped"]
+    assert second[1].n_regions == first[1].n_regions
+
+    # A damaged tiles file and a missing QC image are redone; other settings redo everything.
+    (out / "tiles" / "tiff_050.h5").write_bytes(b"partial")
+    (out / "qc" / "tiny_biopsy.png").unlink()
+    third = tile_batch([batch_dir], out, TileSettings(), progress=False)
+    assert [r.status for r in third] == ["failed", "ok", "ok"]
+    fourth = tile_batch([batch_dir], out, TileSettings(min_tissue=0.5), progress=False)
+    assert [r.status for r in fourth] == ["failed", "ok", "ok"]
+    fifth = tile_batch(
+        [batch_dir], out, TileSettings(min_tissue=0.5), progress=False, overwrite=True
+    )
+    assert [r.status for r in fifth] == ["failed", "ok", "ok"]
+
+
+def test_same_slide_twice_is_reported_once(batch_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(batch_dir / "tiff_050.tiff", other / "tiff_050.tiff")  # same slide id
+    slides, problems = collect_slides(
+        [
+            batch_dir / "tiff_050.tiff",
+            batch_dir / "tiff_050.tiff",
+            other / "tiff_050.tiff",
+            tmp_path / "missing.svs",
+        ]
+    )
+    assert slides == [batch_dir / "tiff_050.tiff"]
+    assert [p.status for p in problems] == ["skipped", "failed", "failed"]
+    assert "given twice" in problems[0].error
+    assert "already used" in problems[1].error and str(other / "tiff_050.tiff") in problems[1].error
+    assert "no such file" in problems[2].error
+
+
+def test_unwritable_output_folder(batch_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="not writable") as err:
+        tile_batch([batch_dir], blocker / "out", TileSettings(), progress=False)
+    assert str(blocker / "out") in str(err.value)
+
+
+def test_workers_give_the_same_result(batch_dir, tmp_path):
+    one = tile_batch([batch_dir], tmp_path / "one", TileSettings(), progress=False)
+    two = tile_batch([batch_dir], tmp_path / "two", TileSettings(), workers=2, progress=False)
+    assert [(r.slide_id, r.status, r.n_regions) for r in one] == [
+        (r.slide_id, r.status, r.n_regions) for r in two
+    ]
+    a = read_tiles(tmp_path / "one" / "tiles" / "tiff_050.h5")
+    b = read_tiles(tmp_path / "two" / "tiles" / "tiff_050.h5")
+    assert np.array_equal(a.coords, b.coords)
+    assert not list((tmp_path / "two" / "tiles").glob(".*tmp*"))
+
+
+def test_region_size_level0_rounds_for_odd_mpp(tiff_050, tmp_path):
+    r = tile_slide(tiff_050.path, tmp_path, TileSettings(mpp=0.263, target_mpp=0.5))
+    assert r.status == "ok"
+    t = read_tiles(tmp_path / "tiles" / "tiff_050.h5")
+    assert t.attrs["region_size_level0"] == round(4096 * 0.5 / 0.263)
+    assert t.attrs["mpp_source"] == "user" and t.attrs["mpp_override"] == 0.263
+    assert math.isclose(t.attrs["mpp_level0"], 0.263)
