@@ -84,10 +84,14 @@ class LocalSlurm:
             check=True,
         )  # fmt: skip
         subprocess.run(["/usr/sbin/slurmctld", "-f", str(self.conf)], check=True, env=self.env)
-        subprocess.run(["/usr/sbin/slurmd", "-f", str(self.conf), "-N", "localhost"], check=True, env=self.env)
+        subprocess.run(
+            ["/usr/sbin/slurmd", "-f", str(self.conf), "-N", "localhost"], check=True, env=self.env
+        )
         deadline = time.time() + 30
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env)
+            out = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env
+            )
             if out.returncode == 0 and out.stdout.strip() in {"idle", "mixed", "allocated"}:
                 return
             time.sleep(0.3)
@@ -105,7 +109,10 @@ class LocalSlurm:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             out = subprocess.run(
-                ["squeue", "-h", "-j", job_id, "-o", "%i %T"], capture_output=True, text=True, env=self.env
+                ["squeue", "-h", "-j", job_id, "-o", "%i %T"],
+                capture_output=True,
+                text=True,
+                env=self.env,
             )
             if out.returncode == 0 and not out.stdout.strip():
                 return
