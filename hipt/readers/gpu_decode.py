@@ -108,12 +108,17 @@ class GpuTileDecoder:
             return out
         tiles = self._decode(level, [j[0] for j in present], blobs)
         tw, th = r.tile_grid(level)[:2]
+        # On the CPU, torch's strided uint8 copies are far slower than numpy's; numpy views
+        # share the tensors' memory.
+        on_cpu = out.device.type == "cpu"
+        canvas = out.numpy() if on_cpu else out
         for (index, src, dst), tile in zip(present, tiles, strict=True):
             if tuple(tile.shape) != (3, th, tw):
                 raise SlideReadError(
                     r.tile_message(level, index, f"decoded shape {tuple(tile.shape)}")
                 )
-            out[:, dst[0], dst[1]] = tile[:, src[0], src[1]]
+            piece = tile.numpy() if on_cpu else tile
+            canvas[:, dst[0], dst[1]] = piece[:, src[0], src[1]]
         return out
 
     def _decode(self, level: int, indices: list[int], blobs: list) -> list:
