@@ -7,7 +7,10 @@ A region is ``REGION_PX`` square at the target µm/px. It holds ``GRID``×``GRID
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is needed only by callers' tensors; the tiler imports this without it
+    import torch
 
 REGION_PX = 4096
 PATCH_PX = 256
@@ -35,6 +38,7 @@ def region_to_patches(region: torch.Tensor, patch_px: int = PATCH_PX) -> torch.T
 
     Examples
     --------
+    >>> import torch
     >>> x = torch.zeros(3, 512, 512)
     >>> region_to_patches(x).shape
     torch.Size([4, 3, 256, 256])
