@@ -112,6 +112,7 @@ class TileResult:
     mpp_source: str = ""
     seconds: float = 0.0
     error: str = ""
+    duplicate: bool = False  # the same file given again: reported, but no row of its own
 
     def row(self) -> dict[str, str]:
         d = asdict(self)
@@ -420,6 +421,7 @@ def collect_slides(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
                         str(q),
                         "skipped",
                         error=f"{q}: same slide given twice (as {by_resolved[resolved]})",
+                        duplicate=True,
                     )
                 )
                 continue
@@ -514,5 +516,5 @@ def tile_batch(
                 finish(p, r)
     bar.close()
     ordered = [results[p] for p in slides] + problems
-    write_csv_atomic(ordered, out_dir / "tiling.csv")
+    write_csv_atomic([r for r in ordered if not r.duplicate], out_dir / "tiling.csv")
     return ordered
