@@ -341,6 +341,7 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = None
+        self.enabled = enabled
         if enabled and total:
             from tqdm.auto import tqdm
 
@@ -362,7 +363,7 @@ class _Progress:
     def write(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
-        else:
+        elif self.enabled:
             print(line, file=sys.stderr)
 
     def close(self) -> None:

@@ -1,0 +1,253 @@
+"""End-to-end embedding throughput: ``hipt embed`` against an original-style HIPT loop, one run.
+
+Both paths embed the same regions of the same generated slide (JPEG-tiled pyramidal TIFF at
+0.5 µm/px) with the same full-size encoders (ViT-256 depth 12, ViT-4K depth 6, random seeded
+weights, so no download is needed):
+
+* ``original``: the way the original HIPT code works. One region per call: OpenSlide
+  ``read_region`` → PIL RGB → torchvision ``ToTensor`` + ``Normalize`` (fp32, on the CPU) →
+  ``unfold`` into 256 patches → ViT-256 on the 256 patches → ViT-4K, all in fp32. Reading and
+  the model run one after the other, so their times add up.
+* ``hipt``: :func:`hipt.embed.embed_tiles`, the engine of ``hipt embed``: DataLoader workers
+  read uint8 regions (``--reader``, default ``auto``), the main process batches regions, the
+  region encoder normalises on the device (bf16 autocast on CUDA), and the HDF5 features file
+  is written. Measured end to end, plus its two halves alone: reading (the same DataLoader, no
+  model) and the model (the region encoder on regions already in memory).
+
+The table gives seconds per region and regions/s of each. When the end-to-end rate of ``hipt``
+is close to its model-alone rate, the device is not waiting for input.
+
+Usage::
+
+    python benchmarks/bench_embed.py                     # CPU, 2 regions per method
+    python benchmarks/bench_embed.py --device cuda --regions 64 --workers 16 --batch-regions 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hipt.embed import embed_tiles
+from hipt.embed_data import RegionDataset, SlideJob, make_region_loader
+from hipt.geometry import REGION_PX
+from hipt.h5schema import write_tiles
+from hipt.models.region_encoder import RegionEncoder, build_region_encoder
+from hipt.synthetic import write_generic_tiff
+
+TARGET_MPP = 0.5
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_slide(workdir: Path, n_regions: int) -> tuple[Path, Path, np.ndarray]:
+    """A slide holding ``n_regions`` whole regions side by side (2 rows when more than 4)."""
+    cols = n_regions if n_regions <= 4 else int(np.ceil(n_regions / 2))
+    rows = int(np.ceil(n_regions / cols))
+    slide = write_generic_tiff(
+        workdir / "bench.tiff", cols * REGION_PX, rows * REGION_PX, mpp=TARGET_MPP, seed=7
+    )
+    coords = np.array(
+        [[(i % cols) * REGION_PX, (i // cols) * REGION_PX] for i in range(n_regions)], np.int64
+    )
+    attrs = dict(
+        slide_id="bench",
+        slide_path=str(slide.path),
+        slide_size=[cols * REGION_PX, rows * REGION_PX],
+        mpp_level0=TARGET_MPP,
+        mpp_source="openslide.mpp-x",
+        target_mpp=TARGET_MPP,
+        region_size=REGION_PX,
+        region_size_level0=REGION_PX,
+        read_level=0,
+        patch_size=256,
+        token_size=16,
+    )
+    tiles = write_tiles(workdir / "tiles" / "bench.h5", coords, np.ones(n_regions), attrs)
+    return slide.path, tiles, coords
+
+
+# ----------------------------------------------------------------------------- original
+def original_loop(
+    slide_path: Path, coords: np.ndarray, encoder: RegionEncoder, device: torch.device
+) -> dict[str, float]:
+    """The original HIPT procedure, region by region; returns summed read and model seconds."""
+    import openslide
+    from torchvision import transforms
+
+    vit256, vit4k = encoder.vit256, encoder.vit4k
+    to_tensor = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    )
+    read_s = model_s = 0.0
+    slide = openslide.OpenSlide(str(slide_path))
+    try:
+        for x, y in coords:
+            t0 = time.perf_counter()
+            region = slide.read_region((int(x), int(y)), 0, (REGION_PX, REGION_PX)).convert("RGB")
+            x_img = to_tensor(region).unsqueeze(0)  # [1, 3, 4096, 4096] fp32
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                x_dev = x_img.to(device)
+                patches = x_dev.unfold(2, 256, 256).unfold(3, 256, 256)  # [1, 3, 16, 16, 256, 256]
+                patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 256, 256)
+                feats = torch.cat([vit256(patches[i : i + 256]) for i in range(0, 256, 256)])
+                grid = feats.reshape(16, 16, 384).permute(2, 0, 1).unsqueeze(0)  # [1, 384, 16, 16]
+                vit4k(grid).cpu()
+            sync(device)
+            t2 = time.perf_counter()
+            read_s += t1 - t0
+            model_s += t2 - t1
+    finally:
+        slide.close()
+    return {"read": read_s, "model": model_s, "total": read_s + model_s}
+
+
+# --------------------------------------------------------------------------------- hipt
+def hipt_read_only(
+    slide_path: Path, coords: np.ndarray, workers: int, reader: str, pin: bool
+) -> float:
+    """Seconds for the embedder's DataLoader to deliver every region, without the model."""
+    job = SlideJob("bench", slide_path, coords, target_mpp=TARGET_MPP, mpp_level0=TARGET_MPP)
+    dataset = RegionDataset([job], reader=reader)
+    loader = make_region_loader(dataset, workers=min(workers, len(coords)), pin_memory=pin)
+    t0 = time.perf_counter()
+    n = 0
+    for item in loader:
+        if item["error"]:
+            raise RuntimeError(item["error"])
+        n += 1
+    assert n == len(coords)
+    return time.perf_counter() - t0
+
+
+def hipt_model_only(
+    encoder: RegionEncoder, n_regions: int, batch: int, device: torch.device
+) -> float:
+    """Seconds for the region encoder alone on ``n_regions`` uint8 regions already on the device."""
+    gen = torch.Generator().manual_seed(0)
+    regions = torch.randint(
+        0, 256, (batch, 3, REGION_PX, REGION_PX), dtype=torch.uint8, generator=gen
+    )
+    regions = regions.to(device)
+    done = 0
+    sync(device)
+    t0 = time.perf_counter()
+    while done < n_regions:
+        b = min(batch, n_regions - done)
+        patch, region = encoder.encode(regions[:b])
+        patch.cpu(), region.cpu()
+        done += b
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--regions", type=int, default=2, help="4096 px regions per method")
+    p.add_argument(
+        "--workers", type=int, default=None, help="hipt DataLoader workers (default CPUs-1)"
+    )
+    p.add_argument(
+        "--batch-regions",
+        type=int,
+        default=None,
+        help="hipt regions per call (default 1 on CPU, 8 on CUDA)",
+    )
+    p.add_argument("--reader", default="auto", choices=["auto", "openslide", "fast"])
+    p.add_argument("--workdir", type=Path, default=None, help="where the slide is written")
+    p.add_argument(
+        "--depth",
+        default="12,6",
+        help="ViT-256,ViT-4K blocks (default the real 12,6; less only to smoke-test)",
+    )
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.batch_regions or (8 if cuda else 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = args.workers if args.workers is not None else max(1, min(16, (cpus or 2) - 1))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_embed_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    t = time.perf_counter()
+    slide_path, tiles, coords = make_slide(workdir, args.regions)
+    print(
+        f"slide: {args.regions} regions of 4096 px at {TARGET_MPP} µm/px ({time.perf_counter() - t:.1f} s to write)"
+    )
+    d256, d4k = (int(v) for v in args.depth.split(","))
+    encoder, provenance = build_region_encoder(
+        None, None, random_weights=True, device=device,
+        vit256_kwargs=dict(depth=d256), vit4k_kwargs=dict(depth=d4k),
+    )  # fmt: skip
+    provenance = dict(provenance, seed=0)
+    # One small pass each way so one-time setup (kernels, allocator) is not timed.
+    with torch.inference_mode():
+        encoder.vit256(torch.zeros(2, 3, 256, 256, device=device))
+        encoder.encode(torch.zeros(1, 3, 4096, 4096, dtype=torch.uint8, device=device))
+    sync(device)
+
+    orig = original_loop(slide_path, coords, encoder, device)
+
+    out = workdir / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = embed_tiles(
+        tiles, out, encoder=encoder, provenance=provenance, device=device,
+        batch_regions=batch, workers=workers, reader=args.reader, progress=False,
+    )  # fmt: skip
+    sync(device)
+    e2e = time.perf_counter() - t0
+    assert summary.n_ok == 1, summary.results
+    read_s = hipt_read_only(slide_path, coords, workers, args.reader, cuda)
+    model_s = hipt_model_only(encoder, args.regions, batch, device)
+
+    n = args.regions
+    name = (
+        torch.cuda.get_device_name(device)
+        if cuda
+        else f"{platform.processor() or 'CPU'} ({cpus} cores)"
+    )
+    print(
+        f"device: {device} [{name}], torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(f"encoders: ViT-256 depth {d256}, ViT-4K depth {d4k} (random weights)")
+    print(f"hipt: workers {workers}, batch_regions {batch}, reader {args.reader}, "
+          f"precision {'bf16 autocast' if cuda else 'fp32'}; original: fp32, 1 region per call")  # fmt: skip
+    print()
+    head = f"{'path':<40}{'s/region':>10}{'regions/s':>11}"
+    print(head)
+    print("-" * len(head))
+    rows = [
+        ("original: read+decode (OpenSlide+PIL)", orig["read"]),
+        ("original: model (fp32, 1 region)", orig["model"]),
+        ("original: end to end", orig["total"]),
+        (f"hipt: read+decode ({workers} workers)", read_s),
+        (f"hipt: model alone (batch {batch})", model_s),
+        ("hipt: end to end (hipt embed)", e2e),
+    ]
+    for label, seconds in rows:
+        print(f"{label:<40}{seconds / n:>10.3f}{n / seconds:>11.3f}")
+    print()
+    print(f"speed-up end to end, hipt vs original: {orig['total'] / e2e:.2f}x")
+    print(f"hipt end to end / model alone: {model_s / e2e:.0%} of the model-alone rate "
+          f"({'input-bound' if model_s / e2e < 0.9 else 'device-bound'})")  # fmt: skip
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
