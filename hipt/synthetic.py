@@ -160,6 +160,23 @@ class TissueModel:
         alpha = np.clip(f / np.float32(0.02) + np.float32(0.5), 0.0, 1.0)
         return np.where(inside, alpha, 0.0)
 
+    def tile_class(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> str:
+        """``"glass"``, ``"interior"`` (all tissue) or ``"edge"``, from the field's grid nodes.
+
+        Bilinear interpolation never leaves the range of the surrounding nodes, so the nodes
+        bound the tile's tissue field without rendering it.
+        """
+        xs, ys = self._centres(x0_px, w, mpp), self._centres(y0_px, h, mpp)
+        ix, _ = _interp_index(xs[[0, -1]], FIELD_STEP_UM, self.nx)
+        iy, _ = _interp_index(ys[[0, -1]], FIELD_STEP_UM, self.ny)
+        nodes = self.tissue_field[iy[0] : iy[1] + 2, ix[0] : ix[1] + 2]
+        # alpha = clip(f / 0.02 + 0.5): 0 for f <= -0.01, 1 for f >= 0.01
+        if nodes.max() <= -0.01 or xs[0] >= self.width_um or ys[0] >= self.height_um:
+            return "glass"
+        if nodes.min() >= 0.01 and xs[-1] < self.width_um and ys[-1] < self.height_um:
+            return "interior"
+        return "edge"
+
     def mask(self, x0_px: int, y0_px: int, w: int, h: int, mpp: float) -> np.ndarray:
         """True tissue mask (boolean) of a rectangle sampled at ``mpp``."""
         return self.tissue_alpha(x0_px, y0_px, w, h, mpp) >= 0.5
@@ -188,7 +205,7 @@ class TissueModel:
                 img += pen.astype(np.float32)[..., None] * (PEN_RGB[s.colour] - img)
         img += 0.5
         np.clip(img, 0, 255, out=img)
-        return img.astype(np.uint8)
+        return img.astype(np.uint8, order="C")
 
     def _nuclei_alpha(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         cell = NUCLEUS_CELL_UM
@@ -277,21 +294,46 @@ class SyntheticSlide:
         )
 
 
+JPEG_QUALITY = 90
+
+
+def _encode_jpeg(tile: np.ndarray) -> bytes:
+    """Encode one RGB tile exactly as tifffile does for ``compression='jpeg'`` (YCbCr 2x2)."""
+    return tifffile.TIFF.COMPRESSORS[7](
+        tile, level=JPEG_QUALITY, subsampling=(2, 2), colorspace="RGB", outcolorspace="YCBCR"
+    )
+
+
 def _tiles(
-    model: TissueModel, width: int, height: int, mpp: float, tile: int
-) -> Iterator[np.ndarray]:
-    """Row-major tiles of one level, each a full ``tile`` square (edges padded with glass)."""
-    blank: np.ndarray | None = None
+    model: TissueModel, width: int, height: int, mpp: float, tile: int, reuse_interior: bool = False
+) -> Iterator[bytes]:
+    """Row-major JPEG tiles of one level, each a full ``tile`` square (edges padded with glass).
+
+    Tiles of bare glass are encoded once. With ``reuse_interior``, tiles wholly inside tissue
+    (and away from pen strokes) repeat one rendered texture tile: much faster for huge slides,
+    at the price of a periodic texture.
+    """
+    glass: bytes | None = None
+    interior: bytes | None = None
     for ty in range(0, height, tile):
         for tx in range(0, width, tile):
-            # Tiles with no tissue and no pen share one array: most of a big slide is glass.
-            if not model.strokes and not model.tissue_alpha(tx, ty, tile, tile, mpp).any():
-                if blank is None:
-                    blank = model.render(tx, ty, tile, tile, mpp)
-                    blank[:] = GLASS_RGB.astype(np.uint8)
-                yield blank
-                continue
-            yield model.render(tx, ty, tile, tile, mpp)
+            kind = model.tile_class(tx, ty, tile, tile, mpp)
+            if kind != "edge" and model.strokes:
+                xs, ys = model._centres(tx, tile, mpp), model._centres(ty, tile, mpp)
+                if any(model._stroke_alpha(s, xs, ys) is not None for s in model.strokes):
+                    kind = "edge"
+            if kind == "glass":
+                if glass is None:
+                    blank = np.empty((tile, tile, 3), np.uint8)
+                    blank[:] = np.round(GLASS_RGB).astype(np.uint8)
+                    glass = _encode_jpeg(blank)
+                yield glass
+            elif kind == "interior" and reuse_interior:
+                if interior is None:
+                    interior = _encode_jpeg(model.render(tx, ty, tile, tile, mpp))
+                yield interior
+            else:
+                yield _encode_jpeg(model.render(tx, ty, tile, tile, mpp))
 
 
 def _levels(width: int, height: int, factor: int, min_side: int) -> list[int]:
@@ -309,16 +351,17 @@ def _write_level(
     height: int,
     mpp: float,
     tile: int,
+    reuse_interior: bool = False,
     **kwargs,
 ) -> None:
     tif.write(
-        _tiles(model, width, height, mpp, tile),
+        _tiles(model, width, height, mpp, tile, reuse_interior),
         shape=(height, width, 3),
         dtype=np.uint8,
         tile=(tile, tile),
         photometric="rgb",
         compression="jpeg",
-        compressionargs={"level": 90},
+        compressionargs={"level": JPEG_QUALITY},
         metadata=None,
         **kwargs,
     )
@@ -340,6 +383,7 @@ def write_generic_tiff(
     tile_px: int = 512,
     level_factor: int = 2,
     min_level_side_px: int = 256,
+    reuse_interior: bool = False,
     model: TissueModel | None = None,
     **model_kw,
 ) -> SyntheticSlide:
@@ -347,7 +391,8 @@ def write_generic_tiff(
 
     Every level is a top-level IFD (``subfiletype`` 0 then 1); resolution tags in pixels per cm
     carry ``mpp`` unless ``resolution_tags`` is False. ``pyramid=False`` writes level 0 only.
-    Extra keywords go to :class:`TissueModel` (``pen_marks``, ``blank``, ``n_blobs``, ...).
+    ``reuse_interior`` repeats one texture tile inside the tissue (fast, for huge benchmark
+    slides). Extra keywords go to :class:`TissueModel` (``pen_marks``, ``blank``, ``n_blobs``...).
     """
     path = Path(path)
     model = model or _model_for(width_px, height_px, mpp, seed, **model_kw)
@@ -360,7 +405,17 @@ def write_generic_tiff(
             if resolution_tags:
                 px_per_cm = 1e4 / (mpp * d)
                 res = dict(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
-            _write_level(tif, model, w, h, mpp * d, tile_px, subfiletype=0 if i == 0 else 1, **res)
+            _write_level(
+                tif,
+                model,
+                w,
+                h,
+                mpp * d,
+                tile_px,
+                reuse_interior,
+                subfiletype=0 if i == 0 else 1,
+                **res,
+            )
     return SyntheticSlide(path, width_px, height_px, mpp, model, tuple(downs), "generic-tiff")
 
 
@@ -375,6 +430,7 @@ def write_svs(
     description_mpp: float | None = None,
     level_factor: int = 4,
     min_level_side_px: int = 256,
+    reuse_interior: bool = False,
     model: TissueModel | None = None,
     **model_kw,
 ) -> SyntheticSlide:
@@ -401,7 +457,7 @@ def write_svs(
                 )
             else:
                 desc = f"{head}{width_px}x{height_px} -> {w}x{h} - |AppMag = {app_mag:g}|MPP = {rec_mpp * d:g}"
-            _write_level(tif, model, w, h, mpp * d, 256, description=desc)
+            _write_level(tif, model, w, h, mpp * d, 256, reuse_interior, description=desc)
             if i == 0:
                 # Aperio's second IFD is a small stripped thumbnail.
                 scale = max(width_px, height_px) / 512
