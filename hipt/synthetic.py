@@ -15,7 +15,7 @@ Examples
 >>> s = write_generic_tiff(d / "a.tiff", 2048, 1536, mpp=0.5, seed=1)
 >>> s.width_px, s.height_px, s.mpp
 (2048, 1536, 0.5)
->>> s.tissue_mask(mask_mpp=32.0).shape
+>>> s.tissue_mask(mask_mpp=16.0).shape
 (48, 64)
 """
 
