@@ -100,20 +100,21 @@ def test_suspicious_mpp_needs_trust_or_override(suspicious_svs):
         assert s.mpp_source == "user"
 
 
-@pytest.mark.parametrize("reader", READERS)
-def test_two_scans_of_the_same_tissue_give_the_same_region(svs_025, tiff_050, reader):
+# OpenSlide is slow on the 8192 px read of the full region, so it reads the tissue part only.
+@pytest.mark.parametrize(("reader", "size_px"), [("auto", 4096), ("openslide", 2048)])
+def test_two_scans_of_the_same_tissue_give_the_same_region(svs_025, tiff_050, reader, size_px):
     """0.25 µm/px (read from level 0, halved) vs 0.5 µm/px (read as is): same 4096 region."""
     with Slide(svs_025.path, reader=reader) as a, Slide(tiff_050.path, reader=reader) as b:
         assert a.best_level_for(0.5) == 0 and b.best_level_for(0.5) == 0
-        ra = a.read_region(0, 0, 4096, 0.5)
-        rb = b.read_region(0, 0, 4096, 0.5)
-    assert ra.shape == rb.shape == (4096, 4096, 3) and ra.dtype == np.uint8
+        ra = a.read_region(0, 0, size_px, 0.5)
+        rb = b.read_region(0, 0, size_px, 0.5)
+    assert ra.shape == rb.shape == (size_px, size_px, 3) and ra.dtype == np.uint8
     diff = np.abs(ra.astype(np.int16) - rb.astype(np.int16))
     assert diff.mean() < 1.0
     assert np.percentile(diff, 99.9) <= 12  # JPEG noise only
     # Both slides cover 1024 µm = 2048 px at 0.5 µm/px; the rest of the region is white padding.
     assert (ra[2048:] == 255).all() and (ra[:, 2048:] == 255).all()
-    assert (ra[:2048, :2048] < 250).any()
+    assert (ra[:2048, :2048] < 250).mean() > 0.1
 
 
 def test_integer_factor_is_an_area_average(svs_025, tiff_050):
