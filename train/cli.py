@@ -16,6 +16,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hipt.atomic import write_text_atomic
 from train.config import apply_dotlist, default_config, load_yaml, merge, to_yaml, validate
 
@@ -79,6 +81,8 @@ def run(cfg: dict[str, Any], fold: int | None = None) -> int:
     from train.report import summarize
     from train.splits import SplitError, fold_cases, make_splits, read_splits, write_splits
 
+    if int(cfg.get("threads") or 0) > 0:
+        torch.set_num_threads(int(cfg["threads"]))
     try:
         key = input_key(cfg["model"]["name"])
     except KeyError as exc:

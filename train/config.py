@@ -35,6 +35,9 @@ def default_config() -> dict[str, Any]:
         "out": "runs",
         "seed": 1,
         "device": "cpu",
+        # CPU threads for torch. Bags are small, so one thread per process is fastest and avoids
+        # oversubscribing shared nodes; 0 keeps torch's default (e.g. hipt_lgp on a big node).
+        "threads": 1,
         "model": {"name": "hipt_gp", "kwargs": {}},
         "splits": {
             "folds": None,  # default 10 (subtype) / 5 (survival)

@@ -51,6 +51,14 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _mean_sd(x: np.ndarray) -> str:
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return "nan"
+    sd = float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+    return f"{float(np.mean(x)):.3f} ± {sd:.3f}"
+
+
 def summarize(run_dir: str | os.PathLike, cfg: dict[str, Any]) -> pd.DataFrame:
     """Write ``summary.csv`` (one row per fold) and ``report.md`` (fold table, mean ± sd, plots)."""
     run_dir = Path(run_dir)
@@ -73,10 +81,7 @@ def summarize(run_dir: str | os.PathLike, cfg: dict[str, Any]) -> pd.DataFrame:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in df.to_dict("records"):  # records keep int columns as ints
         lines.append("| " + " | ".join(_fmt(r[c]) for c in head) + " |")
-    means = [
-        f"{np.nanmean(df[c].astype(float)):.3f} ± {np.nanstd(df[c].astype(float), ddof=1) if len(df) > 1 else 0.0:.3f}"
-        for c in metric_cols
-    ]
+    means = [_mean_sd(df[c].astype(float).to_numpy()) for c in metric_cols]
     lines.append("| **mean ± sd** | | | " + " | ".join(means) + " |")
     lines += ["", "## Plots", ""]
     plot = "roc.png" if cfg["task"] == "subtype" else "km.png"

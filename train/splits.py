@@ -45,8 +45,10 @@ def tcga_site(case_id: str) -> str:
 
 def _systematic(n: int, fraction: float) -> np.ndarray:
     """Boolean mask picking ``≈ fraction · n`` evenly spaced items (stratified when items are grouped)."""
+    # Centred: the picks fall mid-run, so ≈ round(fraction · n) items and every large enough
+    # stratum contributes.
     i = np.arange(n)
-    pick = np.floor((i + 1) * fraction) > np.floor(i * fraction)
+    pick = np.floor((i + 1) * fraction + 0.5) > np.floor(i * fraction + 0.5)
     if n and not pick.any():
         pick[n // 2] = True
     return pick
