@@ -19,9 +19,11 @@ from hipt.models import create_model
 from hipt.models.attention import (
     cls_attention,
     last_block_attention,
+    region_attention,
     vit4k_attention,
     vit256_attention,
 )
+from hipt.models.region_encoder import RegionEncoder
 
 
 def reference_last_attention_vit4k(sd: dict[str, torch.Tensor], grid: torch.Tensor, depth: int):
@@ -172,3 +174,28 @@ def test_extractor_under_autocast_stays_fp32():
         exact = cls_attention(model, grid)
     # Only the blocks before the last ran in bf16.
     assert F.l1_loss(maps, exact) < 1e-3
+
+
+def test_region_attention_matches_the_encoder_and_the_extractors():
+    torch.manual_seed(0)
+    encoder = RegionEncoder(
+        create_model("vit256_s16", embed_dim=48, num_heads=2, depth=2),
+        create_model("vit4k_xs", in_chans=48, embed_dim=24, num_heads=3, depth=2),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        patch_batch=300,  # chunks straddle the two regions
+    )
+    regions = torch.randint(0, 256, (2, 3, 4096, 4096), dtype=torch.uint8)
+    out = region_attention(encoder, regions)
+    patch_feats, region_feats = encoder.encode(regions)
+    assert out.token_attention.shape == (2, 256, 2, 256)
+    assert out.patch_attention.shape == (2, 3, 256)
+    assert torch.allclose(out.patch_features, patch_feats, atol=1e-5)
+    assert torch.allclose(out.region_features, region_feats, atol=1e-5)
+    # Region 1, patch (4, 9), cut by slicing: its token map equals the ViT-256 extractor's.
+    patch = regions[1:2, :, 4 * 256 : 5 * 256, 9 * 256 : 10 * 256].float() / 255 * 2 - 1
+    with torch.inference_mode():
+        expected = vit256_attention(encoder.vit256, patch)[0]
+        expected4k = vit4k_attention(encoder.vit4k, patch_grid_to_vit4k_input(patch_feats))
+    assert torch.allclose(out.token_attention[1, 4 * 16 + 9], expected, atol=1e-6)
+    assert torch.allclose(out.patch_attention, expected4k, atol=1e-6)
