@@ -12,10 +12,11 @@ tiles it covers. In the same run it measures:
 * ``tv cuda``      (``--device cuda``) nvJPEG batch decode through torchvision into a GPU tensor
                    (:mod:`hipt.readers.gpu_decode`); ``--device cpu`` runs the same code on CPU.
 
-Each method runs in 1 and 2 processes (``--processes``); a row's throughput is all regions over
-the wall time from the first process starting work to the last one finishing. The page cache is
-warmed first so no method pays for disk, and ``--repeats`` rounds interleave the methods
-(best time kept) so a shared, busy machine slows them alike. Goals (issue 6): fast >= 3x OpenSlide per process, and
+Each configuration runs in 1 and 2 processes (``--processes``), each process with its own
+readers. Inside a process the methods take turns region by region, so a shared machine whose
+load changes mid-run slows every method alike and the ratios stay meaningful; a row's rate is the
+sum over processes of that process's regions / its time in that method. The page cache is warmed
+first so no method pays for disk. Goals (issue 6): fast >= 3x OpenSlide per process, and
 >= 60% of the pure decode rate.
 
 Usage::
@@ -47,109 +48,88 @@ def _regions(size: int, count: int, region: int) -> list[tuple[int, int]]:
     return corners[:count]
 
 
-def _read_openslide(path: str, corners, region: int, threads: int) -> tuple[float, float]:
-    from hipt.readers.openslide_reader import OpenSlideReader
-
-    r = OpenSlideReader(path)
-    t0 = time.perf_counter()
-    for x, y in corners:
-        r.read_level(0, x, y, region, region)
-    t1 = time.perf_counter()
-    r.close()
-    return t0, t1
-
-
-def _read_fast(path: str, corners, region: int, threads: int) -> tuple[float, float]:
-    from hipt.readers.tiff_jpeg import TiffJpegReader
-
-    r = TiffJpegReader(path, threads=threads)
-    r.read_level(0, 0, 0, 16, 16)  # start the pool outside the timing
-    t0 = time.perf_counter()
-    for x, y in corners:
-        r.read_level(0, x, y, region, region)
-    t1 = time.perf_counter()
-    r.close()
-    return t0, t1
-
-
-def _region_tiles(r, corners, region: int) -> list[list[bytes]]:
+def _region_tiles(r, x: int, y: int, region: int) -> list[bytes]:
     tw, th, across, _ = r.tile_grid(0)
-    out = []
-    for x, y in corners:
-        out.append(
-            [
-                r.read_tile_bytes(0, row * across + col)
-                for row in range(y // th, (y + region) // th)
-                for col in range(x // tw, (x + region) // tw)
-            ]
-        )
-    return out
+    return [
+        r.read_tile_bytes(0, row * across + col)
+        for row in range(y // th, (y + region) // th)
+        for col in range(x // tw, (x + region) // tw)
+    ]
 
 
-def _decode_only(path: str, corners, region: int, threads: int) -> tuple[float, float]:
+def _measure(job) -> dict[str, float]:
+    """Seconds each method spent on this process's regions.
+
+    The methods take turns region by region (in a rotating order), so a machine whose load
+    changes during the run slows every method alike: the ratios stay meaningful.
+    """
     import imagecodecs
 
+    from hipt.readers.openslide_reader import OpenSlideReader
     from hipt.readers.tiff_jpeg import TiffJpegReader
 
-    with TiffJpegReader(path, threads=1) as r:
-        tables, space = r.jpeg_info(0)
-        tiles = _region_tiles(r, corners, region)
-    t0 = time.perf_counter()
-    for region_tiles in tiles:
-        for data in region_tiles:
+    path, corners, region, methods, threads, device, rounds = job
+    osr = OpenSlideReader(path)
+    fast1 = TiffJpegReader(path, threads=1)
+    fastn = TiffJpegReader(path, threads=threads)
+    fastn.read_level(0, 0, 0, 1024, 1024)  # start its pool outside the timing
+    tables, space = fast1.jpeg_info(0)
+    sync = None
+    if device:
+        import torch
+
+        from hipt.readers.gpu_decode import GpuTileDecoder
+
+        dev = GpuTileDecoder(fast1, device=device)
+        dev.read_level(0, 0, 0, 1024, 1024)  # CUDA context, nvJPEG handles
+        sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+
+    def decode(blobs: list[bytes]) -> None:
+        for data in blobs:
             imagecodecs.jpeg8_decode(data, tables=tables, colorspace=space, outcolorspace="RGB")
-    t1 = time.perf_counter()
-    return t0, t1
+
+    totals = dict.fromkeys(methods, 0.0)
+    k = 0
+    for _ in range(rounds):
+        for x, y in corners:
+            order = methods[k % len(methods) :] + methods[: k % len(methods)]
+            k += 1
+            for m in order:
+                blobs = _region_tiles(fast1, x, y, region) if m == "decode" else None
+                t = time.perf_counter()
+                if m == "openslide":
+                    osr.read_level(0, x, y, region, region)
+                elif m == "fast t=1":
+                    fast1.read_level(0, x, y, region, region)
+                elif m.startswith("fast t="):
+                    fastn.read_level(0, x, y, region, region)
+                elif m == "decode":
+                    decode(blobs)
+                else:
+                    dev.read_level(0, x, y, region, region)
+                    if sync:
+                        sync()
+                totals[m] += time.perf_counter() - t
+    for r in (osr, fast1, fastn):
+        r.close()
+    return totals
 
 
-def _read_device(path: str, corners, region: int, device: str) -> tuple[float, float]:
-    import torch
-
-    from hipt.readers.gpu_decode import GpuTileDecoder
-    from hipt.readers.tiff_jpeg import TiffJpegReader
-
-    def sync() -> None:
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-
-    r = TiffJpegReader(path, threads=1)
-    dec = GpuTileDecoder(r, device=device)
-    dec.read_level(0, 0, 0, 16, 16)  # CUDA context and nvJPEG handles outside the timing
-    sync()
-    t0 = time.perf_counter()
-    for x, y in corners:
-        dec.read_level(0, x, y, region, region)
-    sync()
-    t1 = time.perf_counter()
-    r.close()
-    return t0, t1
-
-
-METHODS = {
-    "openslide": _read_openslide,
-    "fast": _read_fast,
-    "decode": _decode_only,
-    "device": _read_device,
-}
-
-
-def _worker(args) -> tuple[float, float]:
-    method, path, corners, region, option = args
-    return METHODS[method](path, corners, region, option)
-
-
-def run_method(method: str, path: Path, corners, region: int, processes: int, option) -> float:
-    """Wall seconds for ``processes`` processes to share ``corners`` (round-robin)."""
+def run(path: Path, corners, region: int, processes: int, methods, threads, device, rounds):
+    """Regions/s of each method with ``processes`` processes sharing ``corners``."""
     shares = [corners[i::processes] for i in range(processes)]
-    jobs = [(method, str(path), share, region, option) for share in shares if share]
-    if processes == 1:
-        t0, t1 = _worker(jobs[0])
-        return t1 - t0
-    # spawn: each process opens its own reader, as DataLoader workers do.
-    with mp.get_context("spawn").Pool(len(jobs)) as pool:
-        spans = pool.map(_worker, jobs)
-    # perf_counter is CLOCK_MONOTONIC on Linux, comparable across processes.
-    return max(s[1] for s in spans) - min(s[0] for s in spans)
+    jobs = [(str(path), sh, region, methods, threads, device, rounds) for sh in shares if sh]
+    if len(jobs) == 1:
+        per_worker = [_measure(jobs[0])]
+    else:
+        # spawn: each process opens its own readers, as DataLoader workers do.
+        with mp.get_context("spawn").Pool(len(jobs)) as pool:
+            per_worker = pool.map(_measure, jobs)
+    # Processes run side by side: their rates add up.
+    return {
+        m: sum(len(j[1]) * rounds / t[m] for j, t in zip(jobs, per_worker, strict=True))
+        for m in methods
+    }
 
 
 def _warm_cache(path: Path) -> None:
@@ -165,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regions", type=int, default=16, help="4096 px regions per method")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--threads", type=int, default=0, help="fast reader pool size (0: default)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best is kept")
+    p.add_argument("--rounds", type=int, default=1, help="passes over the regions")
     p.add_argument(
         "--device",
         default=None,
@@ -199,46 +179,48 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path.name} in {time.perf_counter() - t:.1f} s")
             _warm_cache(path)
             corners = _regions(args.size, args.regions, REGION_PX)
-            mp_total = len(corners) * REGION_PX * REGION_PX / 1e6
-            plan = []
+            mp_region = REGION_PX * REGION_PX / 1e6
             for procs in args.processes:
-                plan.append(("openslide", "openslide", procs, 1))
-                plan.append(("fast t=1", "fast", procs, 1))
+                methods = ["openslide", "fast t=1", "decode"]
                 if procs == 1 and threads > 1:
-                    plan.append((f"fast t={threads}", "fast", procs, threads))
-                plan.append(("decode", "decode", procs, 1))
+                    methods.insert(2, f"fast t={threads}")
                 if args.device and procs == 1:
-                    plan.append((f"tv {args.device}", "device", procs, args.device))
-            # Rounds interleave the methods so a busy machine slows them alike; keep the best.
-            results: dict[tuple[str, int], float] = {}
-            for _ in range(max(1, args.repeats)):
-                for label, method, procs, option in plan:
-                    secs = run_method(method, path, corners, REGION_PX, procs, option)
-                    key = (label, procs)
-                    results[key] = min(secs, results.get(key, float("inf")))
-            for label, _, procs, _ in plan:
-                secs = results[(label, procs)]
-                rows.append((tile, procs, label, len(corners) / secs, mp_total / secs))
-            for procs in args.processes:
-                base = results[("openslide", procs)]
-                ceiling = results[("decode", procs)]
-                for i, row in enumerate(rows):
-                    if row[0] == tile and row[1] == procs:
-                        secs = results[(row[2], procs)]
-                        rows[i] = (*row[:5], base / secs, ceiling / secs)
+                    methods.append(f"tv {args.device}")
+                rates = run(
+                    path,
+                    corners,
+                    REGION_PX,
+                    procs,
+                    methods,
+                    threads,
+                    args.device if procs == 1 else None,
+                    args.rounds,
+                )
+                for m in methods:
+                    rows.append(
+                        (
+                            tile,
+                            procs,
+                            m,
+                            rates[m],
+                            rates[m] * mp_region,
+                            rates[m] / rates["openslide"],
+                            rates[m] / rates["decode"],
+                        )
+                    )
     finally:
         if tmp:
             tmp.cleanup()
 
     head = (
         f"{'tile':>5} {'procs':>5}  {'method':<12} {'regions/s':>9} {'MP/s':>8} "
-        f"{'x openslide':>11} {'% of decode':>11}"
+        f"{'MP/s/proc':>9} {'x openslide':>11} {'% of decode':>11}"
     )
     print(head)
     print("-" * len(head))
     for tile, procs, label, rps, mps, vs_os, vs_dec in rows:
         print(
-            f"{tile:>5} {procs:>5}  {label:<12} {rps:>9.2f} {mps:>8.1f} "
+            f"{tile:>5} {procs:>5}  {label:<12} {rps:>9.2f} {mps:>8.1f} {mps / procs:>9.1f} "
             f"{vs_os:>10.2f}x {100 * vs_dec:>10.0f}%"
         )
     # The issue's goals, checked on the single-thread per-process rows.
