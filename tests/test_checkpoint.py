@@ -27,8 +27,8 @@ from hipt.models.checkpoint import (
 DEPTH = 2
 
 
-def released_backbone(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under the released key names and shapes, ``DEPTH`` blocks."""
+def released_backbone(kind: str, seed: int = 0, depth: int = DEPTH) -> dict[str, torch.Tensor]:
+    """Random tensors under the released key names and shapes, ``depth`` blocks."""
     g = torch.Generator().manual_seed(seed)
     dim = 384 if kind == "vit256" else 192
     shapes: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, dim), "pos_embed": (1, 197, dim)}
@@ -36,7 +36,7 @@ def released_backbone(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
         shapes |= {"patch_embed.proj.weight": (dim, 3, 16, 16), "patch_embed.proj.bias": (dim,)}
     else:
         shapes |= {"phi.0.weight": (dim, 384), "phi.0.bias": (dim,)}
-    for i in range(DEPTH):
+    for i in range(depth):
         p = f"blocks.{i}."
         shapes |= {
             p + "norm1.weight": (dim,),
@@ -201,6 +201,20 @@ def test_plain_and_own_layout_round_trip(tmp_path, kind):
             assert torch.equal(target.state_dict()[key], value), (path.name, key)
     # hipt's own output is readable by a loader of the released layout.
     assert "backbone.pos_embed" in torch.load(own, weights_only=True)["teacher"]
+
+
+@pytest.mark.parametrize(
+    "kind,name,depth", [("vit256", "vit256_s16", 12), ("vit4k", "vit4k_xs", 6)]
+)
+def test_full_depth_released_layout_loads_strictly(tmp_path, kind, name, depth):
+    backbone = released_backbone(kind, seed=6, depth=depth)
+    path = tmp_path / f"{name}.pth"
+    torch.save(dino_checkpoint(backbone), path)
+    model = create_model(name)  # the real architecture, no overrides
+    load_encoder_weights(model, path)
+    last = f"blocks.{depth - 1}.mlp.fc2.weight"
+    assert torch.equal(model.state_dict()[last], backbone[last])
+    assert model.pos_embed.shape == (1, 257, 384 if kind == "vit256" else 192)
 
 
 def _refused(tmp_path, kind, edit, match):

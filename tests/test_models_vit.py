@@ -162,6 +162,8 @@ def test_full_size_architecture_matches_the_original():
     assert vit256.blocks[0].attn.num_heads == vit4k.blocks[0].attn.num_heads == 6
     assert vit256.norm.eps == vit4k.norm.eps == 1e-6
     assert vit256.pos_embed.shape == (1, 257, 384) and vit4k.pos_embed.shape == (1, 257, 192)
+    # timm's fused attention (scaled_dot_product_attention) is on: the fast kernel on GPU.
+    assert all(b.attn.fused_attn for b in [*vit256.blocks, *vit4k.blocks])
     # Released layout, full depth: the same 78 ViT-4K tensors, the same ViT-256 names.
     assert len(vit4k.state_dict()) == len(released_backbone("vit4k", 6)) == 78
     assert len(vit256.state_dict()) == len(released_backbone("vit256", 12))
