@@ -164,6 +164,7 @@ def write_generic(
     compression: str = "jpeg",
     missing_tile: int | None = None,
     extra_tiled_page: bool = False,
+    bigtiff: bool = False,
 ) -> Path:
     """Generic tiled TIFF: level 0 (subfiletype 0) then 2x reductions (subfiletype 1).
 
@@ -172,7 +173,7 @@ def write_generic(
     """
     img = _texture(width, height, seed=2)
     px_per_cm = 1e4 / mpp
-    with tifffile.TiffWriter(path) as tw:
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
         for i, level in enumerate(_pyramid(img, [1, 2, 4])):
             kw = dict(
                 tile=(tile, tile),
@@ -221,6 +222,8 @@ def slides(tmp_path_factory) -> dict[str, Path]:
         "tif512": write_generic(d / "tif512.tiff", 2100, 1500, 512, 0.5, extra_tiled_page=True),
         # Generic TIFF, 256 tiles, 0.25 µm/px, one missing tile.
         "tif256": write_generic(d / "tif256.tiff", 1200, 1000, 256, 0.25, missing_tile=5),
+        # BigTIFF (64-bit offsets), as large scans are written.
+        "big512": write_generic(d / "big512.tiff", 1100, 900, 512, 0.25, bigtiff=True),
         # The project's generated slides (tissue model, as the pipeline tests use them).
         "synth_svs": synthetic.write_svs(d / "synth.svs", 2560, 2304, mpp=0.25, seed=4).path,
         "synth_tif": synthetic.write_generic_tiff(
@@ -247,7 +250,16 @@ def _windows(dims: list[tuple[int, int]], ds: list[float], tile: int) -> list[tu
     return out
 
 
-ALL_SLIDES = ["svs256", "svs512rgb", "tif512", "tif256", "synth_svs", "synth_tif", "synth_tif256"]
+ALL_SLIDES = [
+    "svs256",
+    "svs512rgb",
+    "tif512",
+    "tif256",
+    "big512",
+    "synth_svs",
+    "synth_tif",
+    "synth_tif256",
+]
 
 
 @pytest.mark.parametrize("key", ALL_SLIDES)
