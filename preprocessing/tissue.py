@@ -158,9 +158,16 @@ def segment_rgb(
     1024
     """
     p = params or SegmentationParams()
-    hue, sat, val = rgb_to_hsv(rgb)
-    pen = (sat >= p.pen_min_saturation) & (hue >= p.pen_hue_range[0]) & (hue <= p.pen_hue_range[1])
-    pen |= val < p.dark_max_value
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
+    sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)
+    pen = mx < np.uint8(round(p.dark_max_value * 255))
+    # Hue only matters for saturated pixels: compute it there alone.
+    saturated = sat >= p.pen_min_saturation
+    if saturated.any():
+        hue, _, _ = rgb_to_hsv(rgb[saturated][None])
+        pen[saturated] |= (hue[0] >= p.pen_hue_range[0]) & (hue[0] <= p.pen_hue_range[1])
     # Otsu sees only pixels that could be tissue or glass, so ink does not skew the threshold.
     candidates = sat[~pen]
     threshold = max(otsu_threshold(candidates) if candidates.size else 1.0, p.min_saturation)
