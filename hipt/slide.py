@@ -147,6 +147,13 @@ class Slide:
             )
         else:
             self.mpp_level0, self.mpp_source = float(found), str(source)
+            mpp_y = _float(self.properties, "openslide.mpp-y")
+            if source == "openslide.mpp-x" and mpp_y and abs(mpp_y / found - 1) > 0.02:
+                warnings.warn(
+                    f"{self.path}: pixels are not square ({found:g} x {mpp_y:g} µm); using the "
+                    "x value",
+                    stacklevel=3,
+                )
             if power is not None and source != "openslide.objective-power":
                 expected = 10.0 / power
                 ratio = max(found / expected, expected / found)

@@ -33,6 +33,8 @@ from hipt.readers import SlideReadError
 from hipt.slide import Slide
 from preprocessing.tissue import SegmentationParams, TissueMask, segment_tissue
 
+# Suffixes picked up when a folder is given. DICOM is left out on purpose: one DICOM slide is a
+# folder of many .dcm files, so pass one of its files explicitly.
 SLIDE_SUFFIXES = (
     ".svs",
     ".tif",
@@ -44,7 +46,6 @@ SLIDE_SUFFIXES = (
     ".mrxs",
     ".svslide",
     ".bif",
-    ".dcm",
 )
 CSV_COLUMNS = (
     "slide_id",

@@ -218,3 +218,24 @@ def test_open_reader_choices(tiff_050):
         warnings.simplefilter("error")
         with Slide(tiff_050.path, reader="fast") as s:
             assert s.reader_name == "fast"
+
+
+def test_mpp_x_and_y_disagreeing_warns(tmp_path):
+    import tifffile
+
+    from hipt import synthetic
+
+    model = synthetic.TissueModel(512, 512, seed=1)
+    path = tmp_path / "rect.tiff"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(
+            model.render(0, 0, 1024, 1024, 0.5),
+            tile=(256, 256),
+            photometric="rgb",
+            compression="jpeg",
+            resolution=(20000.0, 10000.0),  # 0.5 µm across, 1.0 µm down
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
+    with pytest.warns(UserWarning, match="not square"), Slide(path) as s:
+        assert s.mpp_level0 == pytest.approx(0.5)
