@@ -248,3 +248,33 @@ def make_survival_cohort(
     csv_path = out_dir / "cohort.csv"
     _write_csv(csv_path, rows, ["slide_id", "case_id", "survival_months", "event"])
     return SyntheticCohort(csv_path, feats, rows, informative, log_hazard=log_hazard)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hipt.synthetic_cohort {subtype,survival} OUT [--cases N] [--seed S]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m hipt.synthetic_cohort", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("task", choices=["subtype", "survival"])
+    p.add_argument("out", help="folder for cohort.csv and features/")
+    p.add_argument("--cases", type=int, default=None, help="number of cases (default 60 / 120)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--patch-features", action="store_true", help="also write [M, 256, 384] patch features"
+    )
+    a = p.parse_args(argv)
+    make = make_subtyping_cohort if a.task == "subtype" else make_survival_cohort
+    kw = {"seed": a.seed, "patch_features": a.patch_features}
+    if a.cases:
+        kw["n_cases"] = a.cases
+    c = make(a.out, **kw)
+    print(
+        f"{len(c.table)} slides of {len({r['case_id'] for r in c.table})} cases: {c.csv_path}, {c.features_dir}/"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

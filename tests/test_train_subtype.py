@@ -326,3 +326,18 @@ def test_config_precedence(small, tmp_path):
     bad = parser.parse_args(["--config", str(config), "--set", "task=regression"])
     with pytest.raises(ValueError, match="task must be one of"):
         resolve_config(bad)
+
+
+def test_example_configs_load_and_validate():
+    from pathlib import Path
+
+    from train.config import load_yaml
+
+    configs = sorted((Path(__file__).parent.parent / "train" / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = validate(merge(default_config(), load_yaml(path)))
+        assert Path(cfg["csv"]).is_absolute() and cfg["task"] in ("subtype", "survival")
+        assert set(cfg) == set(default_config()), path  # no misspelt top-level keys
+        for section in ("train", "splits", "survival", "model"):
+            assert set(cfg[section]) <= set(default_config()[section]), (path, section)

@@ -93,7 +93,8 @@ def apply_dotlist(cfg: dict[str, Any], items: list[str]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a cohort YAML; ``csv``, ``features_dir`` and ``splits.file`` resolve against its folder."""
+    """Read a cohort YAML; relative paths (``csv``, ``features_dir``, ``splits.file``,
+    ``model.kwargs.vit4k_weights``) resolve against its folder."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -111,6 +112,10 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     split_file = (data.get("splits") or {}).get("file")
     if split_file and not os.path.isabs(split_file):
         data["splits"]["file"] = str((path.parent / split_file).resolve())
+    kwargs = (data.get("model") or {}).get("kwargs") or {}
+    weights = kwargs.get("vit4k_weights")
+    if weights and not os.path.isabs(weights):
+        kwargs["vit4k_weights"] = str((path.parent / weights).resolve())
     return data
 
 
