@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -497,7 +498,7 @@ def tile_batch(
         results[p] = r
         bar.update(1)
         if r.status == "failed":
-            bar.write(f"failed: {r.error}")
+            bar.write(f"failed: {r.error}", file=sys.stderr)
         if on_result is not None:
             on_result(r)
 
