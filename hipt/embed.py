@@ -622,6 +622,8 @@ def _stream(
             with contextlib.suppress(Exception):
                 state.writer.__exit__(RuntimeError, RuntimeError(message), None)
         seconds = time.perf_counter() - state.started if state is not None else 0.0
+        # Its regions will never be written; count them as done so the bar reaches the end.
+        bar.update(job.n_regions - (state.written if state is not None else 0))
         record(SlideResult(job.slide_id, "failed", job.n_regions, seconds, 0.0, message, ""))
         bar.write(f"{job.slide_id}: FAILED: {message}")
 
@@ -649,11 +651,11 @@ def _stream(
                         start, None if patch_np is None else patch_np[i:j], region_np[i:j]
                     )
                     state.written += j - i
+                    bar.update(j - i)
                     if state.written == state.writer.coords.shape[0]:
                         _finish(k, state)
                 except Exception as exc:  # e.g. disk full: this slide fails, others go on
                     fail(k, f"{jobs[k][2]}: writing failed: {exc}")
-            bar.update(j - i)
             i = j
 
     def _finish(k: int, state: _Open) -> None:

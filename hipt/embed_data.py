@@ -27,7 +27,6 @@ import bisect
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
@@ -198,17 +197,4 @@ def make_region_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         **kwargs,
-    )
-
-
-def slide_job_from_tiles(tiles: Any, slide_path: str | os.PathLike | None = None) -> SlideJob:
-    """A :class:`SlideJob` from a :class:`hipt.h5schema.Tiles` (``slide_path`` overrides the attr)."""
-    attrs = tiles.attrs
-    return SlideJob(
-        slide_id=str(attrs["slide_id"]),
-        slide_path=Path(slide_path if slide_path is not None else attrs["slide_path"]),
-        coords=np.asarray(tiles.coords, dtype=np.int64),
-        target_mpp=float(attrs["target_mpp"]),
-        mpp_level0=float(attrs["mpp_level0"]),
-        region_px=int(attrs.get("region_size", REGION_PX)),
     )
