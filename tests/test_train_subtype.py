@@ -326,6 +326,9 @@ def test_config_precedence(small, tmp_path):
     bad = parser.parse_args(["--config", str(config), "--set", "task=regression"])
     with pytest.raises(ValueError, match="task must be one of"):
         resolve_config(bad)
+    typo = parser.parse_args(["--config", str(config), "--set", "train.learning_rate=0.1"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\): train.learning_rate"):
+        resolve_config(typo)
 
 
 def test_example_configs_load_and_validate():

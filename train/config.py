@@ -123,6 +123,14 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Check a merged config and fill task-dependent defaults; raise ``ValueError`` listing problems."""
     cfg = copy.deepcopy(cfg)
     problems = []
+    defaults = default_config()
+    # A misspelt key would otherwise be ignored silently; free-form sections are not checked.
+    unknown = [k for k in cfg if k not in defaults]
+    for section in ("model", "splits", "train", "survival"):
+        if isinstance(cfg.get(section), dict):
+            unknown += [f"{section}.{k}" for k in cfg[section] if k not in defaults[section]]
+    if unknown:
+        raise ValueError(f"invalid config:\n  unknown key(s): {', '.join(sorted(unknown))}")
     if cfg["task"] not in TASKS:
         problems.append(f"task must be one of {TASKS}, got {cfg['task']!r}")
     for key in ("csv", "features_dir"):
