@@ -28,7 +28,7 @@ __all__ = ["GpuTileDecoder", "standalone_jpeg"]
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 
-def standalone_jpeg(tile: bytes, tables: bytes | None, colorspace: str) -> bytes:
+def standalone_jpeg(tile: bytes | memoryview, tables: bytes | None, colorspace: str) -> bytes:
     """A JPEG any decoder reads alone, from TIFF tile bytes plus the level's ``JPEGTables``.
 
     Parameters
@@ -45,6 +45,7 @@ def standalone_jpeg(tile: bytes, tables: bytes | None, colorspace: str) -> bytes
     >>> standalone_jpeg(b"\\xff\\xd8<body>\\xff\\xd9", b"\\xff\\xd8<tables>\\xff\\xd9", "YCBCR")
     b'\\xff\\xd8<tables><body>\\xff\\xd9'
     """
+    tile = bytes(tile)
     if tile[:2] != b"\xff\xd8":
         raise ValueError("tile does not start with a JPEG SOI marker")
     head = b"\xff\xd8"
@@ -96,9 +97,10 @@ class GpuTileDecoder:
         out = torch.full((3, height, width), 255, dtype=torch.uint8, device=self.device)
         jobs = r.plan(level, x0, y0, width, height)
         tables, space = r.jpeg_info(level)
+        raw = r.read_tiles(level, [j[0] for j in jobs])
         present, blobs = [], []
         for job in jobs:
-            data = r.read_tile_bytes(level, job[0])
+            data = raw[job[0]]
             if data is None:  # missing tile stays white, as in OpenSlide
                 continue
             present.append(job)

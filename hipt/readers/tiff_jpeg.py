@@ -64,6 +64,9 @@ _JPEG = 7
 _PHOTOMETRIC_RGB = 2
 _PHOTOMETRIC_YCBCR = 6
 _FAST_VENDORS = ("aperio", "generic-tiff")
+# Tiles closer than this in the file are fetched by one read (the bytes between are discarded).
+_MERGE_GAP = 1 << 20
+_MAX_SPAN = 64 << 20
 
 
 class UnsupportedSlideError(SlideReadError):
@@ -334,9 +337,14 @@ class TiffJpegReader:
         out[r0:r1, :c0] = 255
         out[r0:r1, c1:] = 255
 
+        # All the bytes first, in a few large reads: one pread per tile costs more than the
+        # read itself (each system call also slows the decode that follows it).
+        blobs = self.read_tiles(level, [j[0] for j in jobs])
+
         def run(some: list) -> None:
             for index, src, dst in some:
-                tile = self.decode_tile(level, index)
+                data = blobs[index]
+                tile = None if data is None else self._decode(level, index, data)
                 # Disjoint windows: no lock needed. A missing tile is white, as in OpenSlide.
                 out[dst] = 255 if tile is None else tile[src]
 
@@ -412,13 +420,55 @@ class TiffJpegReader:
             )
         return data
 
+    def read_tiles(self, level: int, indices: list[int]) -> dict[int, memoryview | None]:
+        """Raw bytes of several tiles of ``level``, read in as few ``pread`` calls as possible.
+
+        Tiles lying close together in the file (gaps up to ``_MERGE_GAP`` bytes, as the rows
+        of a region usually are) come from one read. Missing tiles map to ``None``.
+        """
+        lv = self._levels[level]
+        out: dict[int, memoryview | None] = {}
+        present = []
+        for i in set(indices):
+            if lv.bytecounts[i] == 0:
+                out[i] = None
+            else:
+                present.append((int(lv.offsets[i]), int(lv.bytecounts[i]), i))
+        present.sort()
+        k = 0
+        while k < len(present):
+            start, end, j = present[k][0], present[k][0] + present[k][1], k + 1
+            while j < len(present):
+                off, count, _ = present[j]
+                if off - end > _MERGE_GAP or max(end, off + count) - start > _MAX_SPAN:
+                    break
+                end = max(end, off + count)
+                j += 1
+            try:
+                data = os.pread(self._fd, end - start, start)
+            except OSError as exc:
+                raise SlideReadError(
+                    self.tile_message(level, present[k][2], exc.strerror)
+                ) from None
+            view = memoryview(data)
+            for off, count, i in present[k:j]:
+                if off + count - start > len(data):
+                    got = max(0, len(data) - (off - start))
+                    raise SlideReadError(
+                        self.tile_message(level, i, f"file ends early ({got}/{count} bytes)")
+                    )
+                out[i] = view[off - start : off - start + count]
+            k = j
+        return out
+
     def decode_tile(self, level: int, index: int) -> np.ndarray | None:
         """Decoded RGB tile ``[tile_height, tile_width, 3]`` (padding included), or ``None``."""
+        data = self.read_tile_bytes(level, index)
+        return None if data is None else self._decode(level, index, data)
+
+    def _decode(self, level: int, index: int, data) -> np.ndarray:
         import imagecodecs
 
-        data = self.read_tile_bytes(level, index)
-        if data is None:
-            return None
         lv = self._levels[level]
         try:
             tile = imagecodecs.jpeg8_decode(
