@@ -325,6 +325,30 @@ def test_missing_tile_is_white_like_openslide(slides):
     assert np.array_equal(got, openslide_rgb(path, 0, 0, 256, 256, 256))
 
 
+def test_batched_tile_reads(slides, monkeypatch):
+    """A region's tiles come from a few large reads, byte for byte the same as one by one."""
+    import hipt.readers.tiff_jpeg as tj
+
+    with TiffJpegReader(slides["tif256"], threads=1) as r:
+        tw, th, across, down = r.tile_grid(0)
+        wanted = list(range(across * down))
+        singles = {i: r.read_tile_bytes(0, i) for i in wanted}
+        calls = []
+        real = tj.os.pread
+        monkeypatch.setattr(tj.os, "pread", lambda *a: calls.append(a) or real(*a))
+        batched = r.read_tiles(0, wanted)
+        assert len(calls) == 1  # the whole small level is one span
+        assert batched[5] is None and singles[5] is None  # the missing tile
+        for i in wanted:
+            if singles[i] is not None:
+                assert bytes(batched[i]) == singles[i]
+        calls.clear()
+        monkeypatch.setattr(tj, "_MERGE_GAP", 0)
+        monkeypatch.setattr(tj, "_MAX_SPAN", 1)  # no merging at all: one read per tile
+        assert bytes(r.read_tiles(0, [0, 7])[7]) == singles[7]
+        assert len(calls) == 2
+
+
 def test_fractional_level_corner_snaps_to_nearest_pixel(slides):
     """OpenSlide shifts by the sub-pixel fraction (bilinear); the fast path snaps instead."""
     path = slides["svs256"]
