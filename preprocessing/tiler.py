@@ -289,6 +289,9 @@ def existing_result(path: Path, out_dir: Path, settings: TileSettings) -> TileRe
     attrs = tiles.attrs
     if attrs.get("slide_path") != str(path.resolve()):
         return None
+    # A slide replaced under the same name is tiled again.
+    if attrs.get("slide_file_bytes") != path.stat().st_size:
+        return None
     for key, value in settings.as_attrs().items():
         have = attrs.get(key)
         if isinstance(value, float) and isinstance(have, int | float):
@@ -349,6 +352,7 @@ def tile_slide(
                     "slide_id": slide.slide_id,
                     "slide_path": str(path.resolve()),
                     "slide_size": list(slide.dimensions),
+                    "slide_file_bytes": path.stat().st_size,
                     "mpp_level0": float(slide.mpp_level0),
                     "mpp_source": slide.mpp_source,
                     "objective_power": slide.objective_power,

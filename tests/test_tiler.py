@@ -223,6 +223,10 @@ def test_batch_rerun_skips_complete_and_redoes_partial(batch_dir, tmp_path):
     assert [r.status for r in third] == ["failed", "ok", "ok"]
     fourth = tile_batch([batch_dir], out, TileSettings(min_tissue=0.5), progress=False)
     assert [r.status for r in fourth] == ["failed", "ok", "ok"]
+    with open(batch_dir / "tiny_biopsy.tiff", "ab") as fh:  # the slide file changed
+        fh.write(b"\0")
+    sixth = tile_batch([batch_dir], out, TileSettings(min_tissue=0.5), progress=False)
+    assert [r.status for r in sixth] == ["failed", "skipped", "ok"]
     fifth = tile_batch(
         [batch_dir], out, TileSettings(min_tissue=0.5), progress=False, overwrite=True
     )
