@@ -21,9 +21,9 @@ Pixel equality with OpenSlide (measured in ``tests/test_reader_fast.py``):
   including reads that cross the slide edge (white outside, as OpenSlide's transparent pixels
   composited on white) and partial edge tiles (their padding is cut off, as OpenSlide does).
   Both decoders are libjpeg-turbo with the same settings (islow DCT, fancy upsampling), and the
-  JPEG colour space is taken from the TIFF photometric tag exactly as OpenSlide does: Aperio
-  writes RGB-encoded JPEG tiles without an Adobe APP14 marker, which a plain JPEG decoder would
-  mistake for YCbCr.
+  JPEG colour space is taken from the TIFF photometric tag exactly as OpenSlide does (it
+  overrides whatever the JPEG stream suggests): Aperio files with photometric RGB may hold
+  RGB-encoded tiles with no Adobe APP14 marker, which a plain JPEG decoder would take for YCbCr.
 * When ``x0 / downsample`` is fractional (a level > 0 read that is not level-pixel aligned),
   OpenSlide shifts the level image by the sub-pixel fraction with bilinear interpolation; this
   reader snaps to the nearest level pixel instead. Differences there follow the local image
@@ -38,8 +38,9 @@ TIFF the first IFD plus every tiled IFD whose ``subfiletype`` has the reduced-re
 sorted by width. The level list is cross-checked against OpenSlide's when the reader opens, and
 ``properties`` is OpenSlide's own property map (read once), so µm/px keys are identical.
 
-Thread and process safety: each instance owns one file descriptor and reads with ``os.pread``,
-so there is no shared seek position and any number of threads may read at once. After a
+Thread and process safety: each instance owns one file descriptor and reads with ``os.pread``
+(a region's tiles in a few large reads), so there is no shared seek position and any number of
+threads may read at once. After a
 ``fork`` the thread pool is recreated in the child; DataLoader workers should each open their
 own reader (pickling a reader reopens the file by path).
 """
