@@ -344,3 +344,40 @@ def test_example_configs_load_and_validate():
         assert set(cfg) == set(default_config()), path  # no misspelt top-level keys
         for section in ("train", "splits", "survival", "model"):
             assert set(cfg[section]) <= set(default_config()[section]), (path, section)
+
+
+def test_hipt_lgp_trains_on_patch_features_and_reloads_from_metrics(tmp_path):
+    from hipt.models.slide import load_slide_model
+
+    syn = make_subtyping_cohort(
+        tmp_path / "c", n_cases=9, regions=(2, 4), n_informative=1, patch_features=True, seed=4
+    )
+    cfg = _cfg(
+        syn,
+        tmp_path / "runs",
+        model={"name": "hipt_lgp", "kwargs": {"vit4k_kwargs": {"depth": 1}}},
+        train={"epochs": 1, "max_regions": 2},
+    )
+    assert run(cfg, fold=0) == 0
+    fold = tmp_path / "runs" / "syn" / "fold_0"
+    m = json.loads((fold / "metrics.json").read_text())
+    assert m["model_args"] == {
+        "vit4k_kwargs": {"depth": 1},
+        "n_classes": 2,
+        "task": "classification",
+        "n_bins": 4,
+    }
+    model = load_slide_model(fold / m["checkpoint"], name=m["model"], **m["model_args"])
+    cohort = load_cohort(
+        cfg["csv"], cfg["features_dir"], task="subtype", input_key="patch_features"
+    )
+    preds = pd.read_csv(fold / "predictions.csv")
+    store = BagStore(cohort, "patch_features")
+    with torch.no_grad():
+        for _, r in preds.iterrows():
+            bag = store.bag(r["case_id"])
+            assert (
+                bag.shape[1:] == (256, 384) and r["n_regions"] == bag.shape[0]
+            )  # test bags are whole
+            p = torch.softmax(model(bag).logits, 0)[1].item()
+            assert p == pytest.approx(r["prob_B"], abs=1e-5)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from hipt.atomic import atomic_path, write_text_atomic
 from hipt.models import create_model
+from hipt.models.slide import load_slide_model
 from hipt.survival import bin_edges, nll_loss, risk_from_logits, survival_curve, to_bins
 from train.data import BagStore, Cohort
 from train.metrics import classification_metrics, concordance, survival_metrics
@@ -48,20 +49,23 @@ def fold_is_done(fold_dir: str | os.PathLike) -> bool:
     return isinstance(data, dict) and data.get("status") == "complete" and "test" in data
 
 
-def build_model(cfg: dict[str, Any], cohort: Cohort) -> torch.nn.Module:
-    """The configured slide model, sized for the cohort (classes or time bins, input dim for abmil)."""
-    kwargs = dict(cfg["model"].get("kwargs") or {})
-    name = cfg["model"]["name"]
-    if name == "abmil" and "in_dim" not in kwargs and cohort.feature_dim:
-        kwargs["in_dim"] = cohort.feature_dim
-    task = "classification" if cfg["task"] == "subtype" else "survival"
-    return create_model(
-        name,
+def model_args(cfg: dict[str, Any], cohort: Cohort) -> dict[str, Any]:
+    """Builder arguments of the configured slide model, sized for the cohort (classes or time
+    bins, input size for abmil); recorded in ``metrics.json`` so other stages can rebuild it."""
+    args = dict(cfg["model"].get("kwargs") or {})
+    if cfg["model"]["name"] == "abmil" and "in_dim" not in args and cohort.feature_dim:
+        args["in_dim"] = cohort.feature_dim
+    args.update(
         n_classes=max(len(cohort.label_map), 1),
-        task=task,
+        task="classification" if cfg["task"] == "subtype" else "survival",
         n_bins=int(cfg["survival"]["n_bins"]),
-        **kwargs,
     )
+    return args
+
+
+def build_model(cfg: dict[str, Any], cohort: Cohort) -> torch.nn.Module:
+    """The configured slide model (:func:`model_args`), freshly initialised."""
+    return create_model(cfg["model"]["name"], **model_args(cfg, cohort))
 
 
 def _json_safe(x: Any) -> Any:
@@ -283,6 +287,8 @@ class FoldRunner:
             "fold": self.fold,
             "task": self.task,
             "model": self.cfg["model"]["name"],
+            "model_args": model_args(self.cfg, self.cohort),
+            "checkpoint": CHECKPOINT_FILE,
             "seed": seed,
             "selected_on": self.tr["select_on"],
             "best_epoch": best_epoch,
@@ -342,7 +348,4 @@ def load_checkpoint(
     cfg: dict[str, Any], cohort: Cohort, path: str | os.PathLike
 ) -> torch.nn.Module:
     """Rebuild the configured model and load a fold's ``best.pt`` (``weights_only=True``)."""
-    model = build_model(cfg, cohort)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
+    return load_slide_model(path, name=cfg["model"]["name"], **model_args(cfg, cohort))

@@ -22,6 +22,7 @@ Examples
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,3 +265,26 @@ def input_key(name: str) -> str:
     from hipt.models.registry import model_info
 
     return str(model_info(name).extra.get("input", "region_features"))
+
+
+def load_slide_model(checkpoint: str | os.PathLike, *, name: str, **model_args: Any) -> nn.Module:
+    """Rebuild a registered slide model and load a trained state dict (``best.pt`` of a fold).
+
+    ``model_args`` are the builder arguments recorded as ``model_args`` in the fold's
+    ``metrics.json`` (``n_classes``, ``task``, ``n_bins``, ...). The model is returned in eval mode.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> from hipt.models import create_model
+    >>> path = os.path.join(tempfile.mkdtemp(), "best.pt")
+    >>> torch.save(create_model("abmil", n_classes=3, hidden_dim=8).state_dict(), path)
+    >>> load_slide_model(path, name="abmil", n_classes=3, hidden_dim=8).training
+    False
+    """
+    from hipt.models.registry import create_model
+
+    model = create_model(name, **model_args)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
