@@ -25,7 +25,9 @@ from hipt.embed import (
     read_embedding_csv,
     tiles_sha256,
 )
+from hipt.embed_data import RegionDataset, SlideJob, make_region_loader
 from hipt.h5schema import read_features, read_tiles, write_tiles
+from hipt.inspect import inspect_file
 from hipt.models.region_encoder import build_region_encoder
 from hipt.shard import Shard, shard_items
 from hipt.slide import Slide
@@ -91,6 +93,8 @@ def test_files_shapes_order_and_provenance(run: dict) -> None:
         assert attrs["tiles_sha256"] == tiles_sha256(tiles)
         assert attrs["target_mpp"] == 0.5 and list(attrs["mean"]) == [0.5, 0.5, 0.5]
         assert attrs["reader"] in ("fast", "openslide") and attrs["precision"] == "fp32"
+        report = inspect_file(path, check_values=True)
+        assert report.valid and report.kind == "features", report.problem
     assert not list((run["root"] / "features").glob(".*"))  # no temporary file left
     rows = {r.slide_id: r for r in read_embedding_csv(run["root"] / "embedding.csv")}
     assert rows["a"].status == rows["b"].status == "ok"
@@ -278,3 +282,31 @@ def test_cli_without_weights_says_what_is_missing(run: dict, tmp_path: Path) -> 
     assert out.returncode == 2 and "no such tiles folder" in out.stderr
     out = _cli("--tiles", str(run["root"] / "tiles"), "--out", str(tmp_path), "--shard", "3/3")
     assert out.returncode == 2 and "shard" in out.stderr
+    if not torch.cuda.is_available():
+        out = _cli(
+            "--tiles", str(run["root"] / "tiles"), "--out", str(tmp_path), "--device", "cuda"
+        )
+        assert out.returncode == 2 and "no CUDA device" in out.stderr
+
+
+def test_region_loader_keeps_order_and_reads_like_the_slide(run: dict, tmp_path: Path) -> None:
+    jobs = [
+        SlideJob(
+            s, run["slides"][s], run["tiles"][s].coords, 0.5, run["tiles"][s].attrs["mpp_level0"]
+        )
+        for s in "ba"
+    ]
+    jobs.append(SlideJob("gone", tmp_path / "gone.tiff", np.zeros((2, 2), np.int64), 0.5, 1.0))
+    loader = make_region_loader(RegionDataset(jobs), workers=2)
+    items = list(loader)
+    assert [(i["job"], i["row"]) for i in items] == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1)]
+    for item in items[:3]:
+        job = jobs[item["job"]]
+        x, y = job.coords[item["row"]]
+        with Slide(job.slide_path, mpp=job.mpp_level0) as slide:
+            want = slide.read_region(int(x), int(y), 4096, 0.5)
+        assert item["error"] == "" and item["pixels"].dtype == torch.uint8
+        assert item["pixels"].shape == (3, 4096, 4096)
+        np.testing.assert_array_equal(item["pixels"].permute(1, 2, 0).numpy(), want)
+    # A slide that cannot be opened yields an error per region, naming the file, not an exception.
+    assert all("gone.tiff" in i["error"] and i["pixels"].numel() == 0 for i in items[3:])
