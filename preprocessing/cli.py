@@ -75,6 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="µm/px of the segmentation image",
     )
     parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="decode every kept region once, so unreadable tiles fail the slide now (slow)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="redo slides whose tiles file is already complete"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -111,6 +116,7 @@ def main(args: argparse.Namespace) -> int:
         trust_metadata=args.trust_metadata,
         reader=args.reader,
         seg=SegmentationParams(seg_mpp=args.seg_mpp),
+        verify=args.verify,
     )
     out = Path(args.out)
     try:

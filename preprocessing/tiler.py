@@ -80,6 +80,9 @@ class TileSettings:
         ``auto``, ``openslide`` or ``fast``.
     seg : SegmentationParams
         Tissue segmentation parameters.
+    verify : bool
+        Decode every kept region once at the read level, so a slide with an unreadable tile
+        fails now rather than at embedding time (slow: reads the pixels the embedder will).
     """
 
     target_mpp: float = 0.5
@@ -89,6 +92,7 @@ class TileSettings:
     trust_metadata: bool = False
     reader: str = "auto"
     seg: SegmentationParams = field(default_factory=SegmentationParams)
+    verify: bool = False
 
     def as_attrs(self) -> dict[str, Any]:
         """The settings as tiles-file attrs (those that change the result)."""
@@ -98,6 +102,7 @@ class TileSettings:
             "min_tissue": float(self.min_tissue),
             "mpp_override": "none" if self.mpp is None else float(self.mpp),
             "trust_metadata": int(self.trust_metadata),
+            "verified": int(self.verify),
             **self.seg.as_attrs(),
         }
 
@@ -228,6 +233,29 @@ def region_grid(
     )
 
 
+def verify_regions(
+    slide: Slide, coords: np.ndarray, region_level0: float, level: int, chunk_px: int = 4096
+) -> None:
+    """Decode each region at ``level`` in chunks; raise ``SlideReadError`` naming the region."""
+    ds = slide.level_downsamples[level]
+    n = int(math.ceil(region_level0 / ds))
+    for x, y in coords.tolist():
+        for cy in range(0, n, chunk_px):
+            for cx in range(0, n, chunk_px):
+                try:
+                    slide.read_level(
+                        level,
+                        int(x + cx * ds),
+                        int(y + cy * ds),
+                        min(chunk_px, n - cx),
+                        min(chunk_px, n - cy),
+                    )
+                except SlideReadError as exc:
+                    raise SlideReadError(
+                        f"{_one_line(str(exc))} (verifying the region at level-0 ({x}, {y}))"
+                    ) from None
+
+
 # ---------------------------------------------------------------------------------- outputs
 def qc_image(tissue: TissueMask, grid: RegionGrid) -> Image.Image:
     """The thumbnail with the tissue outline (green) and kept regions (blue) drawn on it."""
@@ -348,6 +376,8 @@ def tile_slide(
                 region_level0 = int(round(r0))
                 grid = region_grid(tissue, region_level0, settings.min_tissue)
                 read_level = slide.best_level_for(settings.target_mpp)
+                if settings.verify:
+                    verify_regions(slide, grid.coords, r0, read_level)
                 attrs = {
                     "slide_id": slide.slide_id,
                     "slide_path": str(path.resolve()),

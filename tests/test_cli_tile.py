@@ -134,6 +134,7 @@ def test_help_and_bad_arguments(tmp_path):
         "--min-tissue",
         "--reader",
         "--overwrite",
+        "--verify",
     ):
         assert flag in p.stdout
     p = hipt_tile(tmp_path, "--out", tmp_path / "o", "--min-tissue", "2")

@@ -279,3 +279,15 @@ def test_region_size_level0_rounds_for_odd_mpp(tiff_050, tmp_path):
     assert t.attrs["region_size_level0"] == round(4096 * 0.5 / 0.263)
     assert t.attrs["mpp_source"] == "user" and t.attrs["mpp_override"] == 0.263
     assert math.isclose(t.attrs["mpp_level0"], 0.263)
+
+
+def test_verify_finds_an_unreadable_tile_in_level_0(corrupt_tile_slide, tiff_050, tmp_path):
+    slide, _ = corrupt_tile_slide
+    # Tiling reads only low levels, so the damaged level-0 tile goes unseen ...
+    assert tile_slide(slide.path, tmp_path / "a", TileSettings()).status == "ok"
+    # ... unless every kept region is decoded once.
+    for reader in ("openslide", "auto"):
+        r = tile_slide(slide.path, tmp_path / "b", TileSettings(verify=True, reader=reader))
+        assert r.status == "failed"
+        assert str(slide.path) in r.error and "verifying the region" in r.error
+    assert tile_slide(tiff_050.path, tmp_path / "c", TileSettings(verify=True)).status == "ok"
