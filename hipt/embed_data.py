@@ -24,6 +24,7 @@ Examples
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -152,10 +153,8 @@ class RegionDataset(Dataset):
             self._failed[job] = _error_text(self.jobs[job].slide_path, exc)
             stale = self._open.pop(job, None)
             if stale is not None:
-                try:
+                with contextlib.suppress(Exception):
                     stale.close()
-                except Exception:
-                    pass
             return RegionItem(job=job, row=row, pixels=empty, error=self._failed[job], reader="")
         # Channels first, contiguous, so the tensor pins and copies to the device in one piece.
         chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))

@@ -14,12 +14,17 @@ Examples
 True
 >>> parse_shard("1/3")
 Shard(index=1, count=3)
+
+From a shell (any stage's array script), the files of this task's shard, keyed by file stem::
+
+    python -m hipt.shard slurm slides/*.svs      # or: python -m hipt.shard 2/8 slides/*.svs
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple, TypeVar
 
@@ -120,3 +125,32 @@ def resolve_shard(spec: str | None, environ: Mapping[str, str] | None = None) ->
             )
         return shard
     return parse_shard(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hipt.shard I/N|slurm ITEM...``: print the items of that shard, one a line.
+
+    An item's key is its file stem (``slides/TCGA-01.svs`` → ``TCGA-01``), the same key
+    ``hipt embed --shard`` uses for ``tiles/TCGA-01.h5``, so every stage agrees on the owner.
+    """
+    import argparse
+    from pathlib import PurePath
+
+    p = argparse.ArgumentParser(
+        prog="python -m hipt.shard", description=main.__doc__.split("\n")[0]
+    )
+    p.add_argument("shard", help="I/N (0-based) or 'slurm' for this array task")
+    p.add_argument("items", nargs="*", help="paths or ids")
+    args = p.parse_args(argv)
+    try:
+        shard = resolve_shard(args.shard)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for item in shard_items(args.items, shard, key=lambda s: PurePath(s).stem):
+        print(item)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

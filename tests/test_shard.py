@@ -81,3 +81,22 @@ def test_shard_of_range() -> None:
     assert {shard_of(s, 5) for s in IDS} <= set(range(5))
     with pytest.raises(ValueError):
         shard_of("x", 0)
+
+
+def test_command_line_prints_the_shard_by_file_stem() -> None:
+    files = [f"slides/{s}.svs" for s in IDS]
+    got = []
+    for i in range(3):
+        out = subprocess.run(
+            [sys.executable, "-m", "hipt.shard", f"{i}/3", *files], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        # Same owner as hipt embed gives tiles/<stem>.h5: the key is the stem.
+        assert lines == [f"slides/{s}.svs" for s in shard_items(IDS, Shard(i, 3))]
+        got += lines
+    assert sorted(got) == sorted(files)
+    bad = subprocess.run(
+        [sys.executable, "-m", "hipt.shard", "5/3", "x"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "shard" in bad.stderr
