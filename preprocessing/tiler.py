@@ -180,41 +180,28 @@ def region_grid(
     r = int(region_size_level0)
     cols = max(1, math.ceil((x1 - x0) / r))
     rows = max(1, math.ceil((y1 - y0) / r))
-    # Integral image of the mask, padded far enough that every region lies inside it.
-    h, w = mask.shape
-    need_w = math.ceil((x0 + cols * r) / ds) + 1
-    need_h = math.ceil((y0 + rows * r) / ds) + 1
-    padded = np.zeros((max(h, need_h), max(w, need_w)), dtype=np.int64)
-    padded[:h, :w] = mask
-    integral = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = padded.cumsum(0).cumsum(1)
 
     def edges(start: int, n: int) -> np.ndarray:
         return np.rint((start + np.arange(n + 1) * r) / ds).astype(np.int64)
 
+    # Each region's cell in mask pixels is [ex[i], ex[i+1]) x [ey[j], ey[j+1]); the grid covers
+    # the tissue box, so every tissue pixel falls in one cell. Area outside the mask is glass.
     ex, ey = edges(x0, cols), edges(y0, rows)
-    area = np.outer(np.diff(ey), np.diff(ex)).astype(np.float64)
-    sums = (
-        integral[ey[1:, None], ex[None, 1:]]
-        - integral[ey[:-1, None], ex[None, 1:]]
-        - integral[ey[1:, None], ex[None, :-1]]
-        + integral[ey[:-1, None], ex[None, :-1]]
+    ncell = rows * cols
+    ys, xs = np.nonzero(mask)
+    cell = (np.searchsorted(ey, ys, side="right") - 1) * cols + (
+        np.searchsorted(ex, xs, side="right") - 1
     )
+    sums = np.bincount(cell, minlength=ncell).reshape(rows, cols)
+    area = np.outer(np.diff(ey), np.diff(ex)).astype(np.float64)
     fraction = sums / np.maximum(area, 1)
     keep = fraction >= min_tissue
 
     # Fragments no kept region touches get the region holding most of them.
     labels, n = ndimage.label(mask)
     if n:
-        cell_of = np.full(padded.shape, -1, dtype=np.int64)
-        for j in range(rows):
-            for i in range(cols):
-                cell_of[ey[j] : ey[j + 1], ex[i] : ex[i + 1]] = j * cols + i
-        lab = labels.ravel()
-        cell = cell_of[:h, :w].ravel()
-        on = (lab > 0) & (cell >= 0)
-        counts = np.zeros((n + 1, rows * cols), dtype=np.int64)
-        np.add.at(counts, (lab[on], cell[on]), 1)
+        lab = labels[ys, xs]
+        counts = np.bincount(lab * ncell + cell, minlength=(n + 1) * ncell).reshape(n + 1, ncell)
         kept_flat = keep.ravel()
         for frag in range(1, n + 1):
             touched = counts[frag] > 0
