@@ -310,3 +310,25 @@ def test_region_loader_keeps_order_and_reads_like_the_slide(run: dict, tmp_path:
         np.testing.assert_array_equal(item["pixels"].permute(1, 2, 0).numpy(), want)
     # A slide that cannot be opened yields an error per region, naming the file, not an exception.
     assert all("gone.tiff" in i["error"] and i["pixels"].numel() == 0 for i in items[3:])
+
+
+def test_rerun_skips_and_overwrite_redoes(run: dict, tmp_path: Path) -> None:
+    tiles = tmp_path / "tiles" / "e.h5"
+    write_tiles(tiles, np.zeros((0, 2)), [], dict(run["tiles"]["a"].attrs, slide_id="e"))
+
+    def go(**kw) -> str:
+        kw.setdefault("random_depth", DEPTH)
+        summary = embed_tiles(
+            tiles, tmp_path, random_weights=True, device="cpu", workers=0, progress=False, **kw
+        )
+        return summary.results[0].status
+
+    assert go() == "ok"
+    first = (tmp_path / "features" / "e.h5").stat().st_mtime_ns
+    assert go() == "skipped"
+    assert go(overwrite=True) == "ok"
+    assert (tmp_path / "features" / "e.h5").stat().st_mtime_ns != first
+    # Other weights (here: a deeper random ViT-4K) make the file stale: redone without asking.
+    assert go(random_depth=(1, 2)) == "ok"
+    with h5py.File(tmp_path / "features" / "e.h5", "r") as f:
+        assert f.attrs["random_depth"] == "1,2"
