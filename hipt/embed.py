@@ -708,30 +708,50 @@ def _stream(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hipt embed``."""
     parser.add_argument(
-        "--tiles", required=True, type=Path, help="folder of tiles/<slide_id>.h5 (or one file)"
+        "--tiles",
+        metavar="DIR",
+        required=True,
+        type=Path,
+        help="folder of tiles/<slide_id>.h5 (or one file)",
     )
     parser.add_argument(
-        "--out", required=True, type=Path, help="output root; features go to OUT/features/"
+        "--out",
+        metavar="DIR",
+        required=True,
+        type=Path,
+        help="output root; features go to OUT/features/",
     )
-    parser.add_argument("--vit256", type=Path, help=f"ViT-256 weights ({RELEASED_FILES['vit256']})")
-    parser.add_argument("--vit4k", type=Path, help=f"ViT-4K weights ({RELEASED_FILES['vit4k']})")
+    parser.add_argument(
+        "--vit256", metavar="PATH", type=Path, help=f"ViT-256 weights ({RELEASED_FILES['vit256']})"
+    )
+    parser.add_argument(
+        "--vit4k", metavar="PATH", type=Path, help=f"ViT-4K weights ({RELEASED_FILES['vit4k']})"
+    )
     parser.add_argument(
         "--random-weights",
         action="store_true",
         help="allow randomly initialised encoders for missing weights (recorded in the files)",
     )
-    parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
     parser.add_argument(
-        "--batch-regions", type=int, default=4, help="regions per encoder call (default 4)"
+        "--device", metavar="DEVICE", default="auto", help="auto (default), cuda, cuda:N or cpu"
+    )
+    parser.add_argument(
+        "--batch-regions",
+        metavar="N",
+        type=int,
+        default=4,
+        help="regions per encoder call (default 4)",
     )
     parser.add_argument(
         "--workers",
+        metavar="N",
         type=int,
         default=None,
         help="slide-reading worker processes (default: CPUs - 1, max 16)",
     )
     parser.add_argument(
         "--shard",
+        metavar="I/N",
         default=None,
         help="I/N: embed only shard I of N (0-based), or 'slurm' for the array task",
     )
@@ -742,7 +762,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reader", default="auto", choices=["auto", "openslide", "fast"], help="slide reader"
     )
     parser.add_argument(
-        "--slides", type=Path, default=None, help="folder of the slides, if they moved since tiling"
+        "--slides",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="folder of the slides, if they moved since tiling",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="redo slides even if their features are reusable"
