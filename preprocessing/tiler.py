@@ -148,7 +148,6 @@ def region_grid(
     tissue: TissueMask,
     region_size_level0: int,
     min_tissue: float,
-    slide_size: tuple[int, int] | None = None,
 ) -> RegionGrid:
     """Lay a grid of square regions over the tissue and keep the tissue-rich ones.
 
@@ -166,8 +165,6 @@ def region_grid(
         Region side in level-0 pixels.
     min_tissue : float
         Minimum tissue fraction of a kept region.
-    slide_size : tuple of int, optional
-        Level-0 ``(width, height)``; unused except for documentation of the padding.
 
     Returns
     -------
