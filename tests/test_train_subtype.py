@@ -159,6 +159,13 @@ def test_cli_writes_the_runs_folder_then_skips_and_resumes(small, tmp_path):
     assert (run_dir / "fold_0" / "metrics.json").stat().st_mtime_ns == before[0]
     assert json.loads((run_dir / "fold_1" / "metrics.json").read_text())["status"] == "complete"
     assert not (run_dir / "fold_1" / ".best.pt.tmp-deadbeef").exists()
+    # Rebuilding only the report (after a Slurm array) reads the finished folds.
+    (run_dir / "report.md").unlink()
+    res = subprocess.run(
+        cmd + ["--report-only"], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert "3 fold(s) finished" in res.stdout and (run_dir / "report.md").is_file()
 
 
 def test_one_fold_and_bad_input_exit_codes(small, tmp_path, capsys):

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override any config key, e.g. train.lr=1e-4 (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rebuild summary.csv and report.md from the finished folds (e.g. after a Slurm array)",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,4 +185,14 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hipt train: {exc}", file=sys.stderr)
         return 2
+    if args.report_only:
+        from train.report import summarize
+
+        run_dir = Path(cfg["out"]) / str(cfg["cohort"])
+        summary = summarize(run_dir, cfg)
+        if summary.empty:
+            print(f"hipt train: no finished fold under {run_dir}", file=sys.stderr)
+            return 1
+        print(f"{len(summary)} fold(s) finished; report: {run_dir / 'report.md'}")
+        return 0
     return run(cfg, args.fold)
