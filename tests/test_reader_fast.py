@@ -473,6 +473,20 @@ def test_truncated_file_is_a_tile_error(tmp_path):
             r.read_level(0, 768, 768, 256, 256)
 
 
+def test_read_into_a_given_buffer(slides):
+    with TiffJpegReader(slides["tif256"]) as r:
+        want = r.read_level(0, -30, 700, 500, 400)
+        buf = np.zeros((400, 500, 3), np.uint8)
+        assert r.read_level(0, -30, 700, 500, 400, out=buf) is buf
+        assert np.array_equal(buf, want)
+        buf[:] = 7  # reused: every pixel is written again, margins included
+        r.read_level(0, -30, 700, 500, 400, out=buf)
+        assert np.array_equal(buf, want)
+        assert (r.read_level(0, 10**6, 0, 4, 4, out=buf[:4, :4].copy()) == 255).all()
+        with pytest.raises(ValueError, match="shape"):
+            r.read_level(0, 0, 0, 50, 40, out=np.zeros((50, 40, 3), np.uint8))
+
+
 def test_bad_arguments(slides):
     with TiffJpegReader(slides["tif512"]) as r:
         with pytest.raises(SlideReadError, match="level 7"):
