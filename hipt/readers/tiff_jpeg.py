@@ -27,8 +27,9 @@ Pixel equality with OpenSlide (measured in ``tests/test_reader_fast.py``):
 * When ``x0 / downsample`` is fractional (a level > 0 read that is not level-pixel aligned),
   OpenSlide shifts the level image by the sub-pixel fraction with bilinear interpolation; this
   reader snaps to the nearest level pixel instead. Differences there follow the local image
-  gradient (not bounded by a fixed number of grey levels), which is why :class:`hipt.slide.Slide`
-  should request level-aligned corners.
+  gradient, not a fixed bound: on the generated tissue, a quarter / half level-pixel shift gave
+  a mean of 0.5 / 1.0 grey levels, 99th percentile 11 / 22, maximum 36 / 72 at nucleus edges.
+  Level-aligned corners avoid it.
 * Negative corners follow OpenSlide: the output is shifted by ``int(-x0 / downsample)`` pixels
   and the level is read from its first column.
 
