@@ -91,9 +91,19 @@ MATCH_KEYS = (
 )
 
 
+def _rel(target: Path) -> str:
+    # Relative to the output root (features/<id>.h5), so the record survives moving the folder.
+    return f"{target.parent.name}/{target.name}"
+
+
 @dataclass
 class SlideResult:
-    """One row of ``embedding.csv``: what happened to one slide in this run."""
+    """One row of ``embedding.csv``: what happened to one slide in this run.
+
+    ``seconds`` is wall time from the slide's first region reaching the writer to its file being
+    renamed into place; slides that share batches overlap, so per-slide rates do not add up to
+    the run's rate. ``features_path`` is relative to the output root.
+    """
 
     slide_id: str
     status: str  # "ok", "skipped" or "failed"
@@ -533,7 +543,7 @@ def embed_tiles(
             why = check_features(target, expected, patch_features=patch_features)
             if why is None:
                 results[slide_id] = SlideResult(
-                    slide_id, "skipped", n_regions=len(tiling), features_path=str(target)
+                    slide_id, "skipped", n_regions=len(tiling), features_path=_rel(target)
                 )
                 continue
             if target.exists():
@@ -566,7 +576,7 @@ def embed_tiles(
         if job.n_regions == 0:
             with FeaturesWriter(target, job.coords, attrs, patch_features=patch_features):
                 pass
-            record(SlideResult(job.slide_id, "ok", 0, 0.0, 0.0, "", str(target)))
+            record(SlideResult(job.slide_id, "ok", 0, 0.0, 0.0, "", _rel(target)))
         else:
             jobs.append((job, attrs, target))
 
@@ -664,7 +674,7 @@ def _stream(
         del open_[k]
         seconds = time.perf_counter() - state.started
         rate = job.n_regions / seconds if seconds > 0 else 0.0
-        record(SlideResult(job.slide_id, "ok", job.n_regions, seconds, rate, "", str(target)))
+        record(SlideResult(job.slide_id, "ok", job.n_regions, seconds, rate, "", _rel(target)))
         bar.write(f"{job.slide_id}: {job.n_regions} region(s) in {seconds:.1f} s ({rate:.2f}/s)")
 
     try:

@@ -98,6 +98,7 @@ def test_files_shapes_order_and_provenance(run: dict) -> None:
     assert not list((run["root"] / "features").glob(".*"))  # no temporary file left
     rows = {r.slide_id: r for r in read_embedding_csv(run["root"] / "embedding.csv")}
     assert rows["a"].status == rows["b"].status == "ok"
+    assert rows["a"].features_path == "features/a.h5"
     assert rows["b"].n_regions == 2 and rows["b"].regions_per_s > 0 and rows["b"].seconds > 0
 
 
