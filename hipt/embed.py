@@ -63,6 +63,7 @@ __all__ = [
     "list_tiles",
     "resolve_slide_path",
     "csv_name",
+    "missing_weights_message",
     "read_embedding_csv",
     "add_arguments",
     "main",
