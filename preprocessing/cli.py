@@ -12,6 +12,7 @@ import sys
 
 from hipt.geometry import REGION_PX
 from hipt.readers import READERS
+from hipt.shard import resolve_shard
 from preprocessing.tiler import TileResult, TileSettings, tile_batch
 from preprocessing.tissue import SegmentationParams
 
@@ -82,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="redo slides whose tiles file is already complete"
     )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="tile only shard I of N of the slides (0-based), or 'slurm' for this array task",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -120,6 +127,11 @@ def main(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     try:
+        shard = resolve_shard(args.shard)
+    except ValueError as exc:
+        print(f"hipt tile: {exc}", file=sys.stderr)
+        return 2
+    try:
         results = tile_batch(
             args.inputs,
             out,
@@ -127,10 +139,12 @@ def main(args: argparse.Namespace) -> int:
             workers=max(1, args.workers),
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            shard=shard,
         )
     except OSError as exc:
         print(f"hipt tile: {exc}", file=sys.stderr)
         return 2
     print(summary(results))
-    print(f"wrote {out / 'tiling.csv'}")
+    record = "tiling.csv" if shard is None else f"tiling.{shard.tag}.csv"
+    print(f"wrote {out / record}")
     return 1 if any(r.status == "failed" for r in results) else 0

@@ -31,6 +31,7 @@ from hipt.atomic import atomic_path, write_text_atomic
 from hipt.geometry import PATCH_PX, REGION_PX, TOKEN_PX
 from hipt.h5schema import SchemaError, read_tiles, write_tiles
 from hipt.readers import SlideReadError
+from hipt.shard import Shard, shard_items
 from hipt.slide import Slide
 from preprocessing.tissue import SegmentationParams, TissueMask, segment_tissue
 
@@ -484,8 +485,12 @@ def tile_batch(
     overwrite: bool = False,
     progress: bool = True,
     on_result: Callable[[TileResult], None] | None = None,
+    shard: Shard | None = None,
 ) -> list[TileResult]:
     """Tile many slides; one bad slide never stops the batch. Writes ``out_dir/tiling.csv``.
+
+    With ``shard`` (a Slurm array task's share), only the slides whose id falls in that shard are
+    tiled and the record is ``tiling.<shard tag>.csv``, so array tasks never write the same file.
 
     Slides whose tiles file is complete, valid and made with the same settings are skipped
     unless ``overwrite``. Raises ``OSError`` only when ``out_dir`` cannot be written.
@@ -500,6 +505,7 @@ def tile_batch(
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     slides, problems = collect_slides(inputs)
+    slides = shard_items(slides, shard, key=lambda p: p.stem)
     results: dict[Path, TileResult] = {}
     todo: list[Path] = []
     for p in slides:
@@ -537,5 +543,6 @@ def tile_batch(
                 finish(p, r)
     bar.close()
     ordered = [results[p] for p in slides] + problems
-    write_csv_atomic([r for r in ordered if not r.duplicate], out_dir / "tiling.csv")
+    record = "tiling.csv" if shard is None else f"tiling.{shard.tag}.csv"
+    write_csv_atomic([r for r in ordered if not r.duplicate], out_dir / record)
     return ordered

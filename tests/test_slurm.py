@@ -80,3 +80,31 @@ def test_train_array_runs_one_fold_per_task(slurm, tmp_path):
     ]
     all_tested = [c for t in tested for c in t]
     assert sorted(all_tested) == sorted({r["case_id"] for r in cohort.table})
+
+
+def test_tile_array_tiles_every_slide_once(slurm):
+    from hipt.h5schema import read_tiles
+    from hipt.synthetic import write_generic_tiff
+
+    work = slurm.root / "tile"
+    (work / "slides").mkdir(parents=True)
+    slides = [
+        write_generic_tiff(work / "slides" / f"s{i}.tiff", 4096, 3072, mpp=0.5, seed=i).path
+        for i in range(5)
+    ]
+    out = work / "out"
+    job = slurm.sbatch(
+        "--array=0-2", "--cpus-per-task=1", "--mem=1500", f"--chdir={work}",
+        f"--output={work}/task-%a.out", str(ROOT / "slurm" / "tile.sbatch"),
+        env={**job_env(), "SLIDES": str(work / "slides"), "OUT": str(out),
+             "HIPT_TILE_ARGS": "--no-progress"},
+    )  # fmt: skip
+    slurm.wait(job, timeout_s=300)
+    logs = "\n".join(p.read_text() for p in sorted(work.glob("task-*.out")))
+    records = sorted(out.glob("tiling.shard-*-of-3.csv"))
+    assert len(records) == 3, logs  # one record per task, none shared
+    rows = pd.concat([pd.read_csv(r) for r in records])
+    assert sorted(rows["slide_id"]) == sorted(p.stem for p in slides), logs
+    assert set(rows["status"]) == {"ok"}, logs
+    for p in slides:
+        assert len(read_tiles(out / "tiles" / f"{p.stem}.h5")) >= 1
