@@ -131,7 +131,12 @@ def test_cli_writes_the_runs_folder_then_skips_and_resumes(small, tmp_path):
     assert saved["label_map"] == {"A": 0, "B": 1}
     summary = pd.read_csv(run_dir / "summary.csv")
     assert summary["fold"].tolist() == [0, 1, 2]
-    assert "mean ± sd" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "mean ± sd" in report and "fold_2/roc.png" in report
+    pooled = [line for line in report.splitlines() if line.startswith(("| A |", "| B |"))]
+    assert (
+        sum(int(v) for line in pooled for v in line.strip("|").split("|")[1:]) == 18
+    )  # every case once
     splits = read_splits(run_dir / "splits.csv")
     multi_slide = False
     for k in range(3):

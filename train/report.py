@@ -59,6 +59,25 @@ def _mean_sd(x: np.ndarray) -> str:
     return f"{float(np.mean(x)):.3f} ± {sd:.3f}"
 
 
+def _pooled_confusion(run_dir: Path, folds: list[int]) -> list[str]:
+    """Confusion matrix summed over the folds' test sets (each case is tested once)."""
+    total, names = None, []
+    for k in folds:
+        test = json.loads((run_dir / f"fold_{k}" / METRICS_FILE).read_text())["test"]
+        cm = np.array(test["confusion_matrix"])
+        total = cm if total is None else total + cm
+        names = list(test["f1"])  # class names in class-index order
+    lines = [
+        "",
+        "## Confusion matrix (test sets of the finished folds; rows true, columns predicted)",
+        "",
+    ]
+    lines += ["| true \\ pred | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for name, row in zip(names, total.tolist(), strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return lines
+
+
 def summarize(run_dir: str | os.PathLike, cfg: dict[str, Any]) -> pd.DataFrame:
     """Write ``summary.csv`` (one row per fold) and ``report.md`` (fold table, mean ± sd, plots)."""
     run_dir = Path(run_dir)
@@ -83,6 +102,8 @@ def summarize(run_dir: str | os.PathLike, cfg: dict[str, Any]) -> pd.DataFrame:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in head) + " |")
     means = [_mean_sd(df[c].astype(float).to_numpy()) for c in metric_cols]
     lines.append("| **mean ± sd** | | | " + " | ".join(means) + " |")
+    if cfg["task"] == "subtype":
+        lines += _pooled_confusion(run_dir, df["fold"].tolist())
     lines += ["", "## Plots", ""]
     plot = "roc.png" if cfg["task"] == "subtype" else "km.png"
     for f in df["fold"]:
