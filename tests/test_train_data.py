@@ -162,6 +162,11 @@ def test_mismatched_feature_size_is_reported(sub, tmp_path):
     assert f"row 2: slide_id='{sid}': region_features dim 64 (most files: 192)" in msg
 
 
+def test_label_map_must_number_classes_from_zero(sub):
+    msg = _error(sub.csv_path, sub.features_dir, task="subtype", label_map={"A": 0, "B": 2})
+    assert "label_map must give the classes 0..1 once each" in msg
+
+
 def test_inconsistent_labels_within_a_case(sub, tmp_path):
     r = sub.table
     csv = _write(

@@ -153,6 +153,10 @@ def load_cohort(
             names = sorted(set(df["label"]) - {""})
             label_map = {n: i for i, n in enumerate(names)}
         label_map = {str(k): int(v) for k, v in label_map.items()}
+        if sorted(label_map.values()) != list(range(len(label_map))):
+            raise CohortError(
+                f"{csv_path}: label_map must give the classes 0..{len(label_map) - 1} once each, got {label_map}"
+            )
         report(
             ~df["label"].isin(label_map),
             f"unknown label (label map: {sorted(label_map)})",
