@@ -48,14 +48,19 @@ def _tokens_before_last_block(model: nn.Module, x: torch.Tensor) -> torch.Tensor
     return tokens
 
 
-def _explicit_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    # softmax(q kᵀ / √d) of one timm Block, in fp32 whatever the autocast state.
+def _explicit_attention(
+    block: nn.Module, tokens: torch.Tensor, queries: int | None = None
+) -> torch.Tensor:
+    # softmax(q kᵀ / √d) of one timm Block, in fp32 whatever the autocast state; only the first
+    # `queries` rows when given (the [CLS] row alone saves a [B, heads, N, N] matrix).
     attn = block.attn
     with torch.autocast(device_type=tokens.device.type, enabled=False):
         h = block.norm1(tokens.float())
         b, n, _ = h.shape
         qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        if queries is not None:
+            q = q[:, :, :queries]
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         return logits.softmax(dim=-1)
 
@@ -84,7 +89,7 @@ def attention_and_embedding(
     The output equals ``model(x)``; the blocks before the last run once for both.
     """
     tokens = _tokens_before_last_block(model, x)
-    attn = _select_cls(model, _explicit_attention(model.blocks[-1], tokens), renormalize)
+    attn = _select_cls(model, _explicit_attention(model.blocks[-1], tokens, 1), renormalize)
     out = model.forward_head(model.norm(model.blocks[-1](tokens)))
     return attn, out
 
@@ -103,7 +108,8 @@ def cls_attention(model: nn.Module, x: torch.Tensor, *, renormalize: bool = Fals
     HIPT heatmaps), so each map sums to 1 minus the [CLS]→[CLS] weight. With
     ``renormalize=True`` each map is divided by its sum and sums to 1 over the tokens.
     """
-    return _select_cls(model, last_block_attention(model, x), renormalize)
+    tokens = _tokens_before_last_block(model, x)
+    return _select_cls(model, _explicit_attention(model.blocks[-1], tokens, 1), renormalize)
 
 
 def vit256_attention(
