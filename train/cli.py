@@ -146,7 +146,10 @@ def run(cfg: dict[str, Any], fold: int | None = None) -> int:
             )
             return 2
         folds = [fold]
-    store = BagStore(cohort, key, cache=bool(cfg["train"]["cache"]))
+    cache = cfg["train"]["cache"]
+    store = BagStore(
+        cohort, key, cache=key == "region_features" if cache == "auto" else bool(cache)
+    )
     failed = []
     for k in folds:
         fold_dir = run_dir / f"fold_{k}"

@@ -55,7 +55,9 @@ def default_config() -> dict[str, Any]:
             "select_on": None,  # loss | auc (subtype) | cindex (survival); default loss
             "patience": 5,  # epochs without improvement before stopping (0 = never stop early)
             "min_epochs": 1,
-            "cache": True,  # keep bags in memory after the first read
+            # Keep bags in memory after the first read: true, false, or auto (region features
+            # only; patch features are ~500x larger).
+            "cache": "auto",
             "max_regions": None,  # sample at most this many regions per bag while training
             "progress": True,
         },
@@ -156,6 +158,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     if int(tr["epochs"]) < 1 or int(tr["accumulate"]) < 1:
         problems.append("train.epochs and train.accumulate must be >= 1")
+    if tr["cache"] not in (True, False, "auto"):
+        problems.append(f"train.cache must be true, false or auto, got {tr['cache']!r}")
     if int(cfg["survival"]["n_bins"]) < 1:
         problems.append("survival.n_bins must be >= 1")
     if problems:

@@ -263,7 +263,8 @@ class BagStore:
     key : {"region_features", "patch_features"}
         Dataset to read; a case's slides are concatenated along the region axis.
     cache : bool
-        Keep each bag (float32 tensor) after its first read.
+        Keep each bag after its first read, in the file's dtype (patch features stay float16,
+        half the memory); :meth:`bag` returns float32.
     """
 
     def __init__(self, cohort: Cohort, key: str = "region_features", *, cache: bool = True) -> None:
@@ -276,7 +277,7 @@ class BagStore:
             path = self.cohort.features_path(slide_id)
             try:
                 with h5py.File(path, "r") as f:
-                    parts.append(np.asarray(f[self.key][()], dtype=np.float32))
+                    parts.append(np.asarray(f[self.key][()]))
             except (OSError, KeyError) as exc:
                 raise CohortError(
                     f"{path}: cannot read {self.key} of slide {slide_id!r} ({exc})"
@@ -288,8 +289,8 @@ class BagStore:
         if self.cache:
             if case_id not in self._cache:
                 self._cache[case_id] = self._read(case_id)
-            return self._cache[case_id]
-        return self._read(case_id)
+            return self._cache[case_id].float()  # no copy when already float32
+        return self._read(case_id).float()
 
 
 def survival_strata(times: Sequence[float], events: Sequence[int], n_bins: int = 4) -> list[str]:
