@@ -243,8 +243,12 @@ def main() -> None:
         print(f"{label:<40}{seconds / n:>10.3f}{n / seconds:>11.3f}")
     print()
     print(f"speed-up end to end, hipt vs original: {orig['total'] / e2e:.2f}x")
-    print(f"hipt end to end / model alone: {model_s / e2e:.0%} of the model-alone rate "
-          f"({'input-bound' if model_s / e2e < 0.9 else 'device-bound'})")  # fmt: skip
+    share = model_s / e2e
+    if cuda:
+        verdict = "the GPU waits for input" if share < 0.9 else "the GPU is the limit"
+    else:
+        verdict = "on a CPU, readers and model share the cores"
+    print(f"hipt end to end reaches {share:.0%} of its model-alone rate ({verdict})")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 
