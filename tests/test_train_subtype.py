@@ -393,3 +393,40 @@ def test_hipt_lgp_trains_on_patch_features_and_reloads_from_metrics(tmp_path):
             )  # test bags are whole
             p = torch.softmax(model(bag).logits, 0)[1].item()
             assert p == pytest.approx(r["prob_B"], abs=1e-5)
+
+
+def test_interrupted_fold_resumes_to_the_uninterrupted_result(small, tmp_path, monkeypatch):
+    cfg_a = _cfg(
+        small,
+        tmp_path / "a",
+        model={"name": "hipt_gp", "kwargs": {}},
+        train={"epochs": 4, "patience": 0},
+    )
+    assert run(cfg_a, fold=0) == 0
+    cfg_b = dict(cfg_a, out=str(tmp_path / "b"))
+    calls = {"n": 0}
+    original = FoldRunner.train_epoch
+
+    def dies_in_epoch_3(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("node lost")
+        return original(self, *args)
+
+    monkeypatch.setattr(FoldRunner, "train_epoch", dies_in_epoch_3)
+    assert run(cfg_b, fold=0) == 1
+    fold_b = tmp_path / "b" / "syn" / "fold_0"
+    assert (fold_b / "resume.pt").is_file() and not (fold_b / "metrics.json").exists()
+    calls["n"] = -100  # no more failures
+    assert run(cfg_b, fold=0) == 0
+    assert calls["n"] == -98  # only epochs 2 and 3 ran again
+    fold_a = tmp_path / "a" / "syn" / "fold_0"
+    assert (fold_a / "history.csv").read_text() == (fold_b / "history.csv").read_text()
+    assert (fold_a / "predictions.csv").read_text() == (fold_b / "predictions.csv").read_text()
+    assert not (fold_b / "resume.pt").exists()
+    # A changed config does not resume from an old epoch checkpoint.
+    runner = FoldRunner(
+        dict(cfg_b, seed=5), None, None, {"train": [], "val": [], "test": []}, 0, fold_b
+    )
+    runner._save_resume("other", {"epoch": 0})
+    assert runner._load_resume(runner._fingerprint()) is None

@@ -2,12 +2,15 @@
 selection on the validation set, one test pass with the selected model.
 
 Everything a fold writes goes through temp + rename, and ``metrics.json`` is written last, so a
-fold folder with a valid ``metrics.json`` is complete and anything else is restarted from scratch.
+fold folder with a valid ``metrics.json`` is complete. An unfinished fold resumes after its last
+finished epoch (``resume.pt``: model, optimiser, sampler and RNG states) when the config and cases
+are unchanged, giving the same result as an uninterrupted run; otherwise it starts again.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -31,6 +34,7 @@ from train.plots import km_png, roc_png
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "best.pt"
+RESUME_FILE = "resume.pt"  # the last finished epoch of an unfinished fold
 
 
 def seed_everything(seed: int) -> None:
@@ -238,6 +242,34 @@ class FoldRunner:
             )
         return (-loss if self.tr["select_on"] == "loss" else metric), metric
 
+    # ------------------------------------------------------------------ resume
+    def _fingerprint(self) -> str:
+        """What must match for an epoch checkpoint to be resumed (config, fold and its cases)."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg["train"].pop("progress", None)
+        blob = json.dumps(
+            {"cfg": cfg, "fold": self.fold, "cases": self.cases}, sort_keys=True, default=str
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _load_resume(self, fingerprint: str) -> dict[str, Any] | None:
+        path = self.fold_dir / RESUME_FILE
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception:  # a damaged file is just not resumable
+            return None
+        if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+            return None
+        state["generator"] = state["generator"].cpu()
+        state["torch_rng"] = state["torch_rng"].cpu()
+        return state
+
+    def _save_resume(self, fingerprint: str, state: dict[str, Any]) -> None:
+        with atomic_path(self.fold_dir / RESUME_FILE) as tmp:
+            torch.save({"fingerprint": fingerprint, **state}, tmp)
+
     # ------------------------------------------------------------------ fold
     def run(self) -> dict[str, Any]:
         """Train with model selection on val, test once, write the fold's files; return its metrics."""
@@ -251,9 +283,24 @@ class FoldRunner:
         opt = make_optimizer(self.cfg, model)
         epochs, patience = int(self.tr["epochs"]), int(self.tr["patience"])
         best_score, best_epoch, best_state = float("nan"), -1, None
-        history = []
+        history: list[dict[str, Any]] = []
+        start, stopped = 0, False
+        fingerprint = self._fingerprint()
+        resume = self._load_resume(fingerprint)
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            gen.set_state(resume["generator"])
+            torch.set_rng_state(resume["torch_rng"])
+            if "cuda_rng" in resume and torch.cuda.is_available():
+                torch.cuda.set_rng_state(resume["cuda_rng"])
+            best_score, best_epoch = float(resume["best_score"]), int(resume["best_epoch"])
+            best_state, history = resume["best_state"], list(resume["history"])
+            start, stopped = int(resume["epoch"]) + 1, bool(resume["stopped"])
         bar = tqdm(
-            range(epochs),
+            range(start, epochs if not stopped else start),
+            initial=start,
+            total=epochs,
             desc=f"fold {self.fold}",
             unit="epoch",
             disable=not self.tr.get("progress", True),
@@ -275,11 +322,32 @@ class FoldRunner:
                 best_score, best_epoch = score, epoch
                 best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best_epoch)
-            if (
+            stop = bool(
                 patience
                 and epoch + 1 >= int(self.tr["min_epochs"])
                 and epoch - best_epoch >= patience
-            ):
+            )
+            self._save_resume(
+                fingerprint,
+                {
+                    "epoch": epoch,
+                    "stopped": stop,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    **(
+                        {"cuda_rng": torch.cuda.get_rng_state()}
+                        if torch.cuda.is_available()
+                        else {}
+                    ),
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "best_state": best_state,
+                    "history": history,
+                },
+            )
+            if stop:
                 break
         bar.close()
         model.load_state_dict(best_state)
@@ -311,6 +379,7 @@ class FoldRunner:
         if self.task == "survival":
             metrics["bin_edges"] = [float(e) for e in self.edges]
         write_text_atomic(self.fold_dir / METRICS_FILE, json.dumps(_json_safe(metrics), indent=2))
+        (self.fold_dir / RESUME_FILE).unlink(missing_ok=True)
         return metrics
 
     def _evaluate(
