@@ -97,7 +97,6 @@ def main() -> None:
     parser.add_argument("--regions", type=int, default=2, help="regions timed per mode")
     parser.add_argument("--batch", type=int, default=2, help="regions per RegionEncoder call")
     parser.add_argument("--patch-batch", type=int, default=256, help="patches per ViT-256 call")
-    parser.add_argument("--baseline-regions", type=int, default=None, help="default: --regions")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (CUDA default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
@@ -112,7 +111,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
-    n_base = args.baseline_regions or args.regions
     if args.regions % args.batch:
         parser.error("--regions must be a multiple of --batch")
 
@@ -128,47 +126,51 @@ def main() -> None:
         regions = regions.pin_memory()
     flops = region_flops() if not args.smoke else float("nan")
 
-    rows: list[tuple[str, str, int, int, float]] = []
-    outputs: dict[str, torch.Tensor] = {}
-
-    def run_baseline() -> None:
-        with torch.no_grad():
-            for i in range(n_base):
-                outputs["baseline"] = baseline_encode(base256, base4k, regions[i], device)[1]
-
-    for _ in range(warmup):
-        with torch.no_grad():
-            baseline_encode(base256, base4k, regions[0], device)
-    rows.append(("baseline (original loop)", "fp32", 1, n_base, timed(run_baseline, device)))
-
     modes = [("fp32", False)] + ([("bf16", True)] if device.type == "cuda" else [])
     if args.compile:
         modes += [(f"{label}+compile", amp) for label, amp in modes]
+    encoders: dict[str, RegionEncoder] = {}
     for label, amp in modes:
         vit256, vit4k = encoder.vit256, encoder.vit4k
         if label.endswith("+compile"):
             vit256, vit4k = torch.compile(vit256), torch.compile(vit4k)
         enc = RegionEncoder(vit256, vit4k, prov["mean"], prov["std"], args.patch_batch, amp=amp)
-        enc = enc.to(device)
-
-        def run(enc: RegionEncoder = enc, label: str = label) -> None:
-            for start in range(0, args.regions, args.batch):
-                outputs[label] = enc.encode(regions[start : start + args.batch])[1]
-
+        encoders[label] = enc.to(device)
         # A compiled model compiles on its first call: keep that out of the timing.
         for _ in range(max(warmup, 1) if label.endswith("+compile") else warmup):
-            enc.encode(regions[: args.batch])
-        rows.append(
-            (f"hipt RegionEncoder ({label})", label, args.batch, args.regions, timed(run, device))
-        )
+            encoders[label].encode(regions[: args.batch])
+    for _ in range(warmup):
+        with torch.no_grad():
+            baseline_encode(base256, base4k, regions[0], device)
 
-    # The numbers must agree, or the speed means nothing: both saw the last region last.
-    ref = outputs["baseline"][0].float().cpu()
-    diffs = {
-        label: (outputs[label][-1].float().cpu() - ref).abs().max().item()
-        for label, _ in modes
-        if n_base == args.regions
-    }
+    # Interleaved, batch by batch, so a change in machine load hits every mode alike.
+    seconds = {"baseline": 0.0} | {label: 0.0 for label in encoders}
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in seconds}
+    for start in range(0, args.regions, args.batch):
+        chunk = regions[start : start + args.batch]
+
+        def run_baseline(chunk: torch.Tensor = chunk) -> None:
+            with torch.no_grad():
+                for region in chunk:
+                    out = baseline_encode(base256, base4k, region, device)[1]
+                    outputs["baseline"].append(out.float().cpu())
+
+        seconds["baseline"] += timed(run_baseline, device)
+        for label, enc in encoders.items():
+
+            def run(enc: RegionEncoder = enc, label: str = label, chunk=chunk) -> None:
+                outputs[label].append(enc.encode(chunk)[1].float().cpu())
+
+            seconds[label] += timed(run, device)
+
+    rows = [("baseline (original loop)", "fp32", 1, args.regions, seconds["baseline"])]
+    rows += [
+        (f"hipt RegionEncoder ({label})", label, args.batch, args.regions, seconds[label])
+        for label in encoders
+    ]
+    # The numbers must agree, or the speed means nothing.
+    ref = torch.cat(outputs["baseline"])
+    diffs = {label: (torch.cat(outputs[label]) - ref).abs().max().item() for label in encoders}
 
     name = (
         torch.cuda.get_device_name(device)
