@@ -80,6 +80,14 @@ def test_train_array_runs_one_fold_per_task(slurm, tmp_path):
     ]
     all_tested = [c for t in tested for c in t]
     assert sorted(all_tested) == sorted({r["case_id"] for r in cohort.table})
+    # The dependent report job the template describes sees every fold.
+    report = slurm.sbatch(
+        f"--dependency=afterany:{job}", f"--chdir={work}", f"--output={work}/report.out",
+        "--wrap", f"hipt train --config {cfg_path} --report-only", env=job_env(),
+    )  # fmt: skip
+    slurm.wait(report, timeout_s=300)
+    summary = pd.read_csv(run / "summary.csv")
+    assert set(summary["fold"].astype(str)) >= {"0", "1", "2"}, (work / "report.out").read_text()
 
 
 def test_tile_array_tiles_every_slide_once(slurm):
