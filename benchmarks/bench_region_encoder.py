@@ -10,6 +10,9 @@ Self-contained: random weights, random uint8 regions. It times
   patches batched across regions in chunks of ``--patch-batch``, fused attention; fp32, and on
   CUDA also bf16 autocast.
 
+``--compile`` adds rows with both ViTs under ``torch.compile``. Modes run interleaved, batch by
+batch, and every region's embedding is compared with the baseline's.
+
 It prints regions/s, the speed-up over the baseline and the achieved TFLOP/s (FLOPs counted
 analytically from the architecture); on CUDA also the measured bf16 matmul rate of the card.
 
