@@ -46,7 +46,16 @@ def _step(title: str, argv: list[str]) -> None:
 
 
 def _train_config(
-    path: Path, *, cohort: str, task: str, csv: Path, features: Path, folds: int, epochs: int
+    path: Path,
+    *,
+    cohort: str,
+    task: str,
+    csv: Path,
+    features: Path,
+    folds: int,
+    epochs: int,
+    model: dict,
+    lr: float,
 ) -> Path:
     import yaml
 
@@ -55,9 +64,9 @@ def _train_config(
         "task": task,
         "csv": str(csv.resolve()),
         "features_dir": str(features.resolve()),
-        "model": {"name": "hipt_gp"},
+        "model": model,
         "splits": {"folds": folds},
-        "train": {"epochs": epochs, "lr": 1.0e-3, "patience": 0},
+        "train": {"epochs": epochs, "lr": lr, "patience": 0},
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -97,15 +106,20 @@ def main(args: argparse.Namespace) -> int:
 
     print("\n== generating cohorts of region features with a known signal", flush=True)
     cohorts = out / "cohorts"
-    sub = make_subtyping_cohort(cohorts / "subtype", n_cases=48, seed=args.seed)
-    surv = make_survival_cohort(cohorts / "survival", n_cases=80, seed=args.seed)
+    sub = make_subtyping_cohort(cohorts / "subtype", n_cases=60, seed=args.seed)
+    surv = make_survival_cohort(cohorts / "survival", n_cases=120, seed=args.seed)
+    # A gated-attention MIL head learns these small cohorts in seconds; the global transformer
+    # (hipt_gp, hipt_lgp) needs the hundreds of cases of a real cohort (see train/configs/).
+    print("   slide model: abmil (gated attention over the region features)", flush=True)
     sub_cfg = _train_config(
         cohorts / "subtype.yaml", cohort="demo_subtype", task="subtype", csv=sub.csv_path,
         features=sub.features_dir, folds=args.folds, epochs=args.epochs,
+        model={"name": "abmil", "kwargs": {"hidden_dim": 64}}, lr=5.0e-4,
     )  # fmt: skip
     surv_cfg = _train_config(
         cohorts / "survival.yaml", cohort="demo_survival", task="survival", csv=surv.csv_path,
         features=surv.features_dir, folds=args.folds, epochs=args.epochs,
+        model={"name": "abmil", "kwargs": {"hidden_dim": 32}}, lr=3.0e-4,
     )  # fmt: skip
     _step("train subtyping", ["train", "--config", str(sub_cfg), "--out", str(out / "runs")])
     _step("train survival", ["train", "--config", str(surv_cfg), "--out", str(out / "runs")])
