@@ -71,6 +71,23 @@ def _encode_attr(value: Any) -> Any:
     return value
 
 
+def _checked_header(
+    f: h5py.File, path: Path, schema: str, required: tuple[str, ...], dataset: str
+) -> dict[str, Any]:
+    """The root attrs of ``f`` after checking its schema string, required attrs and datasets."""
+    found = _attr(f.attrs.get("schema", ""))
+    if found != schema:
+        raise SchemaError(f"{path}: schema is {found!r}, expected {schema!r}")
+    attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    missing = [k for k in required if k not in attrs]
+    if missing:
+        kind = schema.split(".")[1].split("/")[0]
+        raise SchemaError(f"{path}: {kind} attrs missing {missing}")
+    if "coords" not in f or dataset not in f:
+        raise SchemaError(f"{path}: needs datasets 'coords' and {dataset!r}")
+    return attrs
+
+
 # --------------------------------------------------------------------------- tiles
 @dataclass
 class Tiles:
@@ -131,15 +148,7 @@ def read_tiles(path: str | os.PathLike) -> Tiles:
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            schema = _attr(f.attrs.get("schema", ""))
-            if schema != TILES_SCHEMA:
-                raise SchemaError(f"{path}: schema is {schema!r}, expected {TILES_SCHEMA!r}")
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
-            missing = [k for k in TILES_REQUIRED_ATTRS if k not in attrs]
-            if missing:
-                raise SchemaError(f"{path}: tiles attrs missing {missing}")
-            if "coords" not in f or "tissue_fraction" not in f:
-                raise SchemaError(f"{path}: needs datasets 'coords' and 'tissue_fraction'")
+            attrs = _checked_header(f, path, TILES_SCHEMA, TILES_REQUIRED_ATTRS, "tissue_fraction")
             coords = f["coords"][()]
             tissue = f["tissue_fraction"][()]
     except OSError as exc:
@@ -255,15 +264,9 @@ def read_features_info(path: str | os.PathLike) -> FeaturesInfo:
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            schema = _attr(f.attrs.get("schema", ""))
-            if schema != FEATURES_SCHEMA:
-                raise SchemaError(f"{path}: schema is {schema!r}, expected {FEATURES_SCHEMA!r}")
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
-            missing = [k for k in FEATURES_REQUIRED_ATTRS if k not in attrs]
-            if missing:
-                raise SchemaError(f"{path}: features attrs missing {missing}")
-            if "coords" not in f or "region_features" not in f:
-                raise SchemaError(f"{path}: needs datasets 'coords' and 'region_features'")
+            attrs = _checked_header(
+                f, path, FEATURES_SCHEMA, FEATURES_REQUIRED_ATTRS, "region_features"
+            )
             m = f["coords"].shape[0]
             if f["coords"].shape != (m, 2):
                 raise SchemaError(f"{path}: coords shape {f['coords'].shape}, expected [M, 2]")
