@@ -430,3 +430,28 @@ def test_interrupted_fold_resumes_to_the_uninterrupted_result(small, tmp_path, m
     )
     runner._save_resume("other", {"epoch": 0})
     assert runner._load_resume(runner._fingerprint()) is None
+
+
+def test_resume_state_loads_on_the_cpu_for_a_cuda_fold(small, tmp_path):
+    """A GPU fold's epoch checkpoint holds RNG states that ``torch.set_rng_state`` and
+    ``torch.cuda.set_rng_state`` accept only as CPU byte tensors, so it is loaded on the CPU."""
+    cfg = dict(_cfg(small, tmp_path, model={"name": "hipt_gp", "kwargs": {}}), device="cuda")
+    cohort = load_cohort(cfg["csv"], cfg["features_dir"], task="subtype")
+    cases = {"train": cohort.case_ids[:10], "val": cohort.case_ids[10:14], "test": []}
+    runner = FoldRunner(cfg, cohort, None, cases, 0, tmp_path / "f")
+    fp = runner._fingerprint()
+    runner.fold_dir.mkdir()
+    runner._save_resume(
+        fp,
+        {
+            "epoch": 0,
+            "generator": torch.Generator().get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.get_rng_state(),  # stands in for torch.cuda.get_rng_state()
+        },
+    )
+    state = runner._load_resume(fp)
+    assert state is not None
+    for key in ("generator", "torch_rng", "cuda_rng"):
+        assert state[key].device.type == "cpu" and state[key].dtype == torch.uint8, key
+    torch.set_rng_state(state["torch_rng"])

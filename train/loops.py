@@ -257,13 +257,13 @@ class FoldRunner:
         if not path.is_file():
             return None
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            # On the CPU: RNG states (the CUDA one included) must be CPU byte tensors, and
+            # load_state_dict moves model and optimiser tensors to the model's device.
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a damaged file is just not resumable
             return None
         if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
             return None
-        state["generator"] = state["generator"].cpu()
-        state["torch_rng"] = state["torch_rng"].cpu()
         return state
 
     def _save_resume(self, fingerprint: str, state: dict[str, Any]) -> None:
