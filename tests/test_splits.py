@@ -160,3 +160,11 @@ def test_too_few_cases_or_duplicates_are_refused():
         make_splits(["a", "b"], ["0", "1"], folds=3)
     with pytest.raises(SplitError, match="duplicate"):
         make_splits(["a", "a", "b"], ["0", "0", "1"], folds=2)
+
+
+def test_user_split_without_val_cases_is_refused(tmp_path):
+    """Model selection needs val cases: without them the first epoch would be tested silently."""
+    no_val = tmp_path / "v.csv"
+    no_val.write_text("case_id,fold,role\nA,0,train\nB,0,test\nC,0,val\nA,1,test\nB,1,train\n")
+    with pytest.raises(SplitError, match="fold 1 has no val cases"):
+        read_splits(no_val)

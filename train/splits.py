@@ -155,7 +155,7 @@ def check_splits(
     """Refuse an inconsistent split table; the error lists the offending rows.
 
     Checks: the columns, known roles, no case in two roles (or twice) in a fold, every fold has
-    train and test cases, cases known to the cohort (when ``case_ids`` is given), and no site in
+    train, val and test cases, cases known to the cohort (when ``case_ids`` is given), and no site in
     both train and test (when ``sites`` is given).
     """
     missing = [c for c in ("case_id", "fold", "role") if c not in df.columns]
@@ -187,6 +187,11 @@ def check_splits(
                 raise SplitError(
                     f"{source}: fold {k}: test site(s) also in train/val:\n{_rows(leak)}"
                 )
+    for k, part in df.groupby("fold"):
+        if not (part["role"] == "val").any():
+            raise SplitError(
+                f"{source}: fold {k} has no val cases; the model of each fold is selected on them"
+            )
 
 
 def _rows(df: pd.DataFrame, limit: int = 20) -> str:
