@@ -172,3 +172,17 @@ def test_survival_run_writes_metrics_and_plots(tmp_path):
             case = cohort.case(r["case_id"])
             assert r["slide_ids"] == ";".join(case.slide_ids)
             assert r["survival_months"] == pytest.approx(case.time) and r["event"] == case.event
+
+
+def test_c_index_without_comparable_pairs_is_nan_not_an_error():
+    """A small val or test set can hold no comparable pair (one case, or the only event the
+    longest time): the c-index is undefined there, and the fold must not crash on it."""
+    from train.metrics import concordance, survival_metrics
+
+    assert np.isnan(concordance(np.array([7.0]), np.array([1]), np.array([0.3])))
+    times, events, risk = np.array([10.0, 5.0, 3.0]), np.array([1, 0, 0]), np.array([1.0, 2.0, 0.5])
+    assert np.isnan(concordance(times, events, risk))
+    m = survival_metrics(times, events, risk)
+    assert np.isnan(m["c_index"]) and m["n_events"] == 1
+    # A comparable pair ordered by risk still scores 1.
+    assert concordance(np.array([3.0, 5.0]), np.array([1, 0]), np.array([2.0, 1.0])) == 1.0

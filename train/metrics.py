@@ -74,14 +74,18 @@ def concordance(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> floa
     """Harrell's c-index with lifelines (higher risk should mean shorter time).
 
     lifelines' ``concordance_index`` expects scores that grow with survival time, so it gets
-    ``-risk``.
+    ``-risk``. NaN when no pair of cases can be compared (no event, or every event at or after
+    the other times, as in a one-case validation set).
     """
     from lifelines.utils import concordance_index
 
     events = np.asarray(events).astype(bool)
     if not events.any():
         return float("nan")
-    return float(concordance_index(np.asarray(times, float), -np.asarray(risk, float), events))
+    try:
+        return float(concordance_index(np.asarray(times, float), -np.asarray(risk, float), events))
+    except ZeroDivisionError:  # lifelines: "No admissable pairs in the dataset."
+        return float("nan")
 
 
 def _cox_hr(times: np.ndarray, events: np.ndarray, x: np.ndarray) -> dict[str, float]:
