@@ -192,3 +192,47 @@ def test_case_strata(surv):
     assert len(strata) == 6
     assert all(s.startswith(("e0_", "e1_")) for s in strata)
     assert {s[:2] for s in strata} == {f"e{c.event}" for c in cohort.cases}
+
+
+def test_slides_of_a_case_compared_by_value_not_spelling(tmp_path):
+    """Two slides of one case with 12 / 12.0 months and event 1 / 1.0 agree; 12 / 13 do not."""
+    syn = make_survival_cohort(
+        tmp_path / "c", n_cases=3, regions=(3, 4), n_informative=1, slides_per_case=1, seed=0
+    )
+    rows = syn.table
+    extra = f"{rows[0]['slide_id']}-b"
+    # A second slide of case 0, reusing another features file under a new slide id.
+    with h5py.File(syn.features_dir / f"{rows[1]['slide_id']}.h5", "r") as f:
+        region = f["region_features"][()]
+    from hipt.h5schema import FeaturesWriter
+    from hipt.synthetic_cohort import _attrs
+
+    coords = np.zeros((len(region), 2), np.int64)
+    coords[:, 0] = np.arange(len(region)) * 8192
+    with FeaturesWriter(
+        syn.features_dir / f"{extra}.h5",
+        coords,
+        _attrs(extra),
+        patch_features=False,
+        region_dim=region.shape[1],
+    ) as w:
+        w.write(0, None, region)
+
+    def csv(t0, e0, t1, e1):
+        lines = ["slide_id,case_id,survival_months,event"]
+        lines.append(f"{rows[0]['slide_id']},{rows[0]['case_id']},{t0},{e0}")
+        lines.append(f"{extra},{rows[0]['case_id']},{t1},{e1}")
+        lines += [
+            f"{r['slide_id']},{r['case_id']},{r['survival_months']},{r['event']}" for r in rows[1:]
+        ]
+        return _write(tmp_path, "\n".join(lines) + "\n")
+
+    cohort = load_cohort(csv("12", "1", "12.0", "1.0"), syn.features_dir, task="survival")
+    case = cohort.case(rows[0]["case_id"])
+    assert case.slide_ids == [rows[0]["slide_id"], extra]
+    assert case.time == 12.0 and case.event == 1
+    msg = _error(csv("12", "1", "13", "1"), syn.features_dir, task="survival")
+    assert "slides of one case with different survival_months/event" in msg
+    assert f"row 3: slide_id='{extra}'" in msg
+    msg = _error(csv("12", "1", "12", "0"), syn.features_dir, task="survival")
+    assert "slides of one case with different survival_months/event" in msg

@@ -181,8 +181,10 @@ def load_cohort(
             "event must be 0 (censored) or 1 (observed)",
             ["slide_id", "event"],
         )
-        key = df["survival_months"] + "|" + df["event"]
-        by_case = key.groupby(df["case_id"]).nunique()
+        # Compared as numbers: "12" and "12.0", or "1" and "1.0", are the same follow-up.
+        values = pd.DataFrame({"t": t, "e": pd.to_numeric(df["event"], errors="coerce")})
+        per_case = values.groupby(df["case_id"]).nunique(dropna=False)
+        by_case = per_case.max(axis=1)
         report(
             df["case_id"].isin(by_case[by_case > 1].index),
             "slides of one case with different survival_months/event",
