@@ -455,3 +455,20 @@ def test_resume_state_loads_on_the_cpu_for_a_cuda_fold(small, tmp_path):
     for key in ("generator", "torch_rng", "cuda_rng"):
         assert state[key].device.type == "cpu" and state[key].dtype == torch.uint8, key
     torch.set_rng_state(state["torch_rng"])
+
+
+def test_report_counts_the_folds_of_a_user_split_file(small, tmp_path):
+    """``splits.folds`` (here 3) does not apply to a user split file with 2 folds."""
+    cohort = load_cohort(small.csv_path, small.features_dir, task="subtype")
+    ids = cohort.case_ids
+    rows = ["case_id,fold,role"]
+    for k in range(2):
+        for i, c in enumerate(ids):
+            role = "test" if i % 2 == k else ("val" if i % 4 in (2 + k, 3 - k) else "train")
+            rows.append(f"{c},{k},{role}")
+    split_file = tmp_path / "user_splits.csv"
+    split_file.write_text("\n".join(rows) + "\n")
+    cfg = _cfg(small, tmp_path / "runs", splits={"folds": 3, "file": str(split_file)})
+    assert run(cfg) == 0
+    report = (tmp_path / "runs" / "syn" / "report.md").read_text()
+    assert "2 of 2 folds finished" in report

@@ -88,10 +88,17 @@ def summarize(run_dir: str | os.PathLike, cfg: dict[str, Any]) -> pd.DataFrame:
     metric_cols = [
         c for c in df.columns if c not in ("fold", "best_epoch", "epochs_run", "n_test", "n_events")
     ]
+    # The run's split table, not splits.folds: a user split file sets its own number of folds.
+    split_path = run_dir / "splits.csv"
+    n_folds = (
+        pd.read_csv(split_path)["fold"].nunique()
+        if split_path.is_file()
+        else cfg["splits"]["folds"]
+    )
     lines = [
         f"# {cfg['cohort']}: {cfg['task']} with {cfg['model']['name']}",
         "",
-        f"{len(df)} of {cfg['splits']['folds']} folds finished. Model selected on validation "
+        f"{len(df)} of {n_folds} folds finished. Model selected on validation "
         f"{cfg['train']['select_on']} (best epoch), tested once. Splits by case: `splits.csv`; "
         "resolved config: `config.yaml`.",
         "",
