@@ -331,6 +331,10 @@ def tile_slide(
 ) -> TileResult:
     """Tile one slide; never raises for a bad slide (the result says ``failed`` and why).
 
+    A slide that fails leaves no tiles file or QC image behind: outputs of an earlier run (other
+    settings, or ``--overwrite``) are removed, so ``tiles/`` never holds a slide whose latest
+    tiling failed.
+
     Examples
     --------
     >>> import tempfile, pathlib
@@ -400,6 +404,13 @@ def tile_slide(
         result.error = _one_line(
             f"{path}: unexpected {type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})"
         )
+    if result.status == "failed":
+        # An earlier run's outputs would pass for this run's (the embedder reads every tiles file).
+        for stale in (tiles_path(out_dir, path.stem), qc_path(out_dir, path.stem)):
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError as exc:
+                result.error = _one_line(f"{result.error}; cannot remove the stale {stale}: {exc}")
     result.seconds = time.perf_counter() - start
     return result
 

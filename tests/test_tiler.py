@@ -291,3 +291,18 @@ def test_verify_finds_an_unreadable_tile_in_level_0(corrupt_tile_slide, tiff_050
         assert r.status == "failed"
         assert str(slide.path) in r.error and "verifying the region" in r.error
     assert tile_slide(tiff_050.path, tmp_path / "c", TileSettings(verify=True)).status == "ok"
+
+
+def test_failed_redo_leaves_no_stale_outputs(corrupt_tile_slide, tmp_path):
+    """A slide whose latest tiling failed must not keep an earlier run's tiles file."""
+    slide, _ = corrupt_tile_slide
+    out = tmp_path / "out"
+    first = tile_batch([slide.path], out, TileSettings(), progress=False)
+    assert [r.status for r in first] == ["ok"]
+    tiles = out / "tiles" / f"{slide.path.stem}.h5"
+    qc = out / "qc" / f"{slide.path.stem}.png"
+    assert tiles.exists() and qc.exists()
+    # Other settings redo the slide; verifying finds the unreadable tile and the slide fails.
+    second = tile_batch([slide.path], out, TileSettings(verify=True), progress=False)
+    assert [r.status for r in second] == ["failed"]
+    assert not tiles.exists() and not qc.exists()
