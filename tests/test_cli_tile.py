@@ -139,3 +139,6 @@ def test_help_and_bad_arguments(tmp_path):
         assert flag in p.stdout
     p = hipt_tile(tmp_path, "--out", tmp_path / "o", "--min-tissue", "2")
     assert p.returncode == 2 and "min-tissue" in p.stderr
+    # A zero region size is refused up front, not as a division error on every slide.
+    p = hipt_tile(tmp_path, "--out", tmp_path / "o", "--region-px", "0")
+    assert p.returncode == 2 and "region-px" in p.stderr
