@@ -204,11 +204,17 @@ class Slide:
         """The finest level not coarser than ``target_mpp`` (the closest one from below).
 
         Level 0 when the target is finer than level 0 (the read is then upsampled).
+
+        A level's downsample comes from its whole-pixel size (OpenSlide averages ``w0 / w`` and
+        ``h0 / h``), so a 2x level of an odd-sized scan reports e.g. 2.00002. Such a level still
+        counts as not coarser: the tolerance is that rounding, one pixel in its shorter side
+        (at most 0.1 %), and never less than float noise.
         """
         best = 0
         for level in range(self.level_count):
-            # A tiny tolerance: a level at 0.50000001 µm/px serves a 0.5 target.
-            if self.level_mpp(level) <= target_mpp * (1 + 1e-6):
+            short = max(1, min(self.level_dimensions[level]))
+            tol = max(1e-6, min(1e-3, 1.0 / short))
+            if self.level_mpp(level) <= target_mpp * (1 + tol):
                 best = level
         return best
 

@@ -117,6 +117,20 @@ def test_two_scans_of_the_same_tissue_give_the_same_region(svs_025, tiff_050, re
     assert (ra[:2048, :2048] < 250).mean() > 0.1
 
 
+def test_level_from_rounded_dimensions_still_serves_the_target(tiff_050):
+    """A 2x level whose size was rounded down reports a downsample a hair above 2."""
+    with Slide(tiff_050.path, mpp=0.25) as s:
+        (w0, h0), (w1, h1) = s.level_dimensions[:2]
+        assert (w1, h1) == (w0 // 2, h0 // 2)
+        # As OpenSlide reports it for a level-0 scan one pixel wider and taller.
+        s.level_downsamples = (1.0, ((w0 + 1) / w1 + (h0 + 1) / h1) / 2, *s.level_downsamples[2:])
+        assert s.level_mpp(1) > 0.5
+        assert s.best_level_for(0.5) == 1
+        # A level really coarser than the target (0.5 %) is still refused.
+        s.level_downsamples = (1.0, 2.01, *s.level_downsamples[2:])
+        assert s.best_level_for(0.5) == 0
+
+
 def test_integer_factor_is_an_area_average(svs_025, tiff_050):
     with Slide(svs_025.path, reader="openslide") as s:
         # 2.0 µm/px is served by level 1 (1.0 µm/px) reduced 2x.
