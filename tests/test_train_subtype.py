@@ -472,3 +472,12 @@ def test_report_counts_the_folds_of_a_user_split_file(small, tmp_path):
     assert run(cfg) == 0
     report = (tmp_path / "runs" / "syn" / "report.md").read_text()
     assert "2 of 2 folds finished" in report
+
+
+def test_selection_on_an_undefined_val_auc_is_refused(small, tmp_path):
+    """select_on=auc with val cases of one class would keep epoch 0 silently."""
+    runner = _runner(small, tmp_path, select_on="auc")
+    labels = {c: runner.cohort.case(c).label for c in runner.cohort.case_ids}
+    runner.cases["val"] = [c for c in runner.cases["val"] if labels[c] == 0][:2]
+    with pytest.raises(ValueError, match="cannot select on val auc"):
+        runner.run()

@@ -186,3 +186,25 @@ def test_c_index_without_comparable_pairs_is_nan_not_an_error():
     assert np.isnan(m["c_index"]) and m["n_events"] == 1
     # A comparable pair ordered by risk still scores 1.
     assert concordance(np.array([3.0, 5.0]), np.array([1, 0]), np.array([2.0, 1.0])) == 1.0
+
+
+def test_selection_on_an_undefined_val_c_index_is_refused(tmp_path):
+    """select_on=cindex with val cases that have no comparable pair would keep epoch 0 silently."""
+    syn = make_survival_cohort(tmp_path / "c", n_cases=12, regions=(3, 4), n_informative=1, seed=3)
+    cohort = load_cohort(syn.csv_path, syn.features_dir, task="survival")
+    val = [next(c.case_id for c in cohort.cases if c.event == 1)]  # one case: no pair
+    rest = [c for c in cohort.case_ids if c not in val]
+    cases = {"train": rest[:8], "val": val, "test": rest[8:]}
+    store = BagStore(cohort, "region_features")
+    cfg = _cfg(
+        syn.csv_path,
+        syn.features_dir,
+        tmp_path / "runs",
+        train={"epochs": 1, "select_on": "cindex"},
+    )
+    with pytest.raises(ValueError, match="cannot select on val cindex"):
+        FoldRunner(cfg, cohort, store, cases, 0, tmp_path / "f").run()
+    assert not (tmp_path / "f").exists()
+    # Selecting on the val loss needs no pair.
+    cfg = _cfg(syn.csv_path, syn.features_dir, tmp_path / "runs", train={"epochs": 1})
+    assert FoldRunner(cfg, cohort, store, cases, 0, tmp_path / "g").run()["best_epoch"] == 0

@@ -242,6 +242,29 @@ class FoldRunner:
             )
         return (-loss if self.tr["select_on"] == "loss" else metric), metric
 
+    def _check_selectable(self) -> None:
+        """Refuse a metric-based selection that the fold's val cases cannot score.
+
+        The val AUC needs two classes and the val c-index a comparable pair; otherwise the score
+        is NaN at every epoch and the first epoch's model would be kept without a word.
+        """
+        if self.tr["select_on"] == "loss":
+            return
+        val = [self.cohort.case(c) for c in self.cases["val"]]
+        if self.task == "subtype":
+            undefined = len({c.label for c in val}) < 2
+            why = "val cases of only one class"
+        else:
+            times = np.array([c.time for c in val], dtype=float)
+            events = np.array([c.event for c in val])
+            undefined = not math.isfinite(concordance(times, events, np.zeros(len(val))))
+            why = "no comparable pair of val cases"
+        if undefined:
+            raise ValueError(
+                f"fold {self.fold}: cannot select on val {self.tr['select_on']} ({why} among "
+                f"{len(val)}); use train.select_on=loss or a split with more val cases"
+            )
+
     # ------------------------------------------------------------------ resume
     def _fingerprint(self) -> str:
         """What must match for an epoch checkpoint to be resumed (config, fold and its cases)."""
@@ -273,6 +296,7 @@ class FoldRunner:
     # ------------------------------------------------------------------ fold
     def run(self) -> dict[str, Any]:
         """Train with model selection on val, test once, write the fold's files; return its metrics."""
+        self._check_selectable()
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.fold_dir.glob(".*.tmp-*"):
             stale.unlink()  # left by a killed run
