@@ -153,8 +153,8 @@ def region_grid(
     """Lay a grid of square regions over the tissue and keep the tissue-rich ones.
 
     The grid starts at the top-left of the tissue bounding box and covers the whole box, so
-    regions may extend past the slide edge (they are read as white). A region is kept when its
-    tissue fraction is at least ``min_tissue``; in addition every tissue fragment that no kept
+    regions may extend past the slide edge (they are read as white). A region is kept when it
+    holds tissue and its tissue fraction is at least ``min_tissue``; in addition every tissue fragment that no kept
     region touches keeps the region holding most of it, so a biopsy smaller than a region still
     yields a region.
 
@@ -193,7 +193,8 @@ def region_grid(
     sums = np.bincount(cell, minlength=ncell).reshape(rows, cols)
     area = np.outer(np.diff(ey), np.diff(ex)).astype(np.float64)
     fraction = sums / np.maximum(area, 1)
-    keep = fraction >= min_tissue
+    # A region without any tissue is never kept, even with min_tissue 0.
+    keep = (fraction >= min_tissue) & (sums > 0)
 
     # Fragments no kept region touches get the region holding most of them.
     labels, n = ndimage.label(mask)

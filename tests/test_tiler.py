@@ -51,6 +51,15 @@ def test_threshold_and_small_fragments():
     assert got == {(256, 256): 1.0, (1280, 1280): round(4 / 256, 4)}
 
 
+def test_min_tissue_zero_keeps_no_empty_region():
+    # Two fragments at opposite corners: the cells between them are bare glass.
+    tm = _mask((64, 64), 32, [(0, 8, 0, 8), (56, 64, 56, 64)])
+    g = region_grid(tm, 512, 0.0)
+    assert g.grid_shape == (4, 4)
+    assert g.coords.tolist() == [[0, 0], [1536, 1536]]
+    assert (g.tissue_fraction > 0).all()
+
+
 def test_fraction_counts_outside_the_slide_as_glass():
     tm = _mask((10, 10), 100, [(0, 10, 0, 10)])  # the whole 1000 px slide is tissue
     g = region_grid(tm, 2000, 0.2)
