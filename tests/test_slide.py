@@ -226,6 +226,12 @@ def test_open_reader_choices(tiff_050):
         assert r.read_level(2, 0, 0, 8, 4).shape == (4, 8, 3)
     finally:
         r.close()
+    # Every reader refuses a read after close with an error naming the file.
+    for name in ("openslide", "fast"):
+        r = open_reader(tiff_050.path, name)
+        r.close()
+        with pytest.raises(SlideReadError, match=r"tiff_050\.tiff.*closed"):
+            r.read_level(0, 0, 0, 8, 8)
     with pytest.raises(ValueError, match="unknown reader"):
         open_reader(tiff_050.path, "magic")
     with warnings.catch_warnings():

@@ -80,14 +80,18 @@ class OpenSlideReader:
             self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
             self.properties = dict(self._slide.properties)
         except openslide.OpenSlideError as exc:
+            self.close()
             raise SlideReadError(f"{self.path}: OpenSlide cannot read its header ({exc})") from None
         if self.level_count < 1 or min(self.level_dimensions[0]) < 1:
+            self.close()
             raise SlideReadError(f"{self.path}: has no image levels")
 
     def read_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 ``[height, width, 3]`` of ``level`` with top-left at level-0 ``(x0, y0)``."""
         import openslide
 
+        if self._slide is None:
+            raise SlideReadError(f"{self.path}: reader is closed")
         if not 0 <= level < self.level_count:
             raise SlideReadError(f"{self.path}: no level {level} (has {self.level_count})")
         try:
