@@ -481,3 +481,18 @@ def test_selection_on_an_undefined_val_auc_is_refused(small, tmp_path):
     runner.cases["val"] = [c for c in runner.cases["val"] if labels[c] == 0][:2]
     with pytest.raises(ValueError, match="cannot select on val auc"):
         runner.run()
+
+
+def test_rerun_with_other_settings_is_refused_once_a_fold_finished(small, tmp_path, capsys):
+    """Finished folds are skipped on a re-run, so a re-run with another lr would report the old
+    folds under a config.yaml that says the new lr."""
+    cfg = _cfg(small, tmp_path / "runs", train={"epochs": 1})
+    assert run(cfg, fold=0) == 0
+    saved = (tmp_path / "runs" / "syn" / "config.yaml").read_text()
+    other = _cfg(small, tmp_path / "runs", train={"epochs": 1, "lr": 0.5})
+    assert run(other, fold=1) == 2
+    assert "other settings (train.lr)" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "syn" / "config.yaml").read_text() == saved
+    assert not (tmp_path / "runs" / "syn" / "fold_1").exists()
+    # Settings that do not change results may differ; the same settings go on.
+    assert run(dict(cfg, threads=0, train=dict(cfg["train"], cache=False)), fold=1) == 0

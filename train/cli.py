@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from hipt.atomic import write_text_atomic
 from train.config import apply_dotlist, default_config, load_yaml, merge, to_yaml, validate
@@ -78,6 +79,32 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return validate(cfg)
 
 
+# Settings that do not change a fold's result: a run may go on with other values of these.
+_RUN_LOCAL = {("out",), ("device",), ("threads",), ("train", "progress"), ("train", "cache")}
+
+
+def _changed_settings(saved_path: Path, cfg: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between a run's saved ``config.yaml`` and ``cfg``."""
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # unreadable: rewritten below
+
+    def flat(d: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+        if isinstance(d, dict) and prefix != ("label_map",) and d:
+            out: dict[tuple[str, ...], Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, (*prefix, str(k))))
+            return out
+        return {prefix: d}
+
+    a, b = flat(saved), flat(yaml.safe_load(to_yaml(cfg)))
+    keys = sorted(k for k in a.keys() | b.keys() if k not in _RUN_LOCAL and a.get(k) != b.get(k))
+    return [".".join(k) for k in keys]
+
+
 def run(cfg: dict[str, Any], fold: int | None = None) -> int:
     """Run the folds of a resolved config; return 0, 1 (a fold failed) or 2 (bad input)."""
     from hipt.models.slide import input_key
@@ -132,6 +159,16 @@ def run(cfg: dict[str, Any], fold: int | None = None) -> int:
                 )
     except SplitError as exc:
         print(f"hipt train: {exc}", file=sys.stderr)
+        return 2
+    finished = any(fold_is_done(d) for d in run_dir.glob("fold_*"))
+    changed = _changed_settings(run_dir / "config.yaml", cfg) if finished else []
+    if changed:
+        print(
+            f"hipt train: {run_dir / 'config.yaml'}: the run was made with other settings "
+            f"({', '.join(changed)}); its finished folds would be kept under this config. "
+            "Use another --out or remove the run",
+            file=sys.stderr,
+        )
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     write_splits(splits, run_dir / "splits.csv")
