@@ -160,3 +160,21 @@ def test_full_size_region_equals_separate_vit256_then_vit4k():
     assert torch.allclose(patch_feats[0, rows], ref_patches, atol=1e-5, rtol=0)
     ref_region = reference_region(enc.vit4k, patch_feats[0])
     assert torch.allclose(region_feats[0], ref_region, atol=1e-5, rtol=0)
+
+
+def test_regions_other_than_a_16x16_patch_grid_are_refused_clearly():
+    enc = tiny_encoder()
+    for side in (512, 8192):
+        with pytest.raises(ValueError, match=r"4096x4096 px \(16x16 patches of 256 px\)"):
+            enc(torch.zeros(1, 3, side, side, dtype=torch.uint8))
+
+
+def test_normalize_and_encode_patches_refuse_float_pixels_and_leave_them_alone():
+    enc = tiny_encoder()
+    pixels = torch.rand(2, 3, 256, 256)  # [0, 1] floats: would be divided by 255 once more
+    before = pixels.clone()
+    with pytest.raises(ValueError, match="uint8"):
+        enc.normalize(pixels)
+    with pytest.raises(ValueError, match="uint8"):
+        enc.encode_patches(pixels)
+    assert torch.equal(pixels, before)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hipt.geometry import PATCH_PX, patch_grid_to_vit4k_input, region_to_patches
+from hipt.geometry import GRID, PATCH_PX, patch_grid_to_vit4k_input, region_to_patches
 from hipt.models.checkpoint import load_encoder_weights
 from hipt.models.registry import create_model, model_info
 
@@ -97,6 +97,10 @@ class RegionEncoder(nn.Module):
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, 3, H, W]`` → normalised float32 on the encoder's device."""
+        if pixels.dtype != torch.uint8:
+            # Floats would be divided by 255 again (and, already float32 on the device, be
+            # overwritten in place by the multiply-add below).
+            raise ValueError(f"pixels must be uint8 in [0, 255], got {pixels.dtype}")
         x = pixels.to(self.device, non_blocking=True).float()
         return x.mul_(self._scale).add_(self._shift)
 
@@ -130,8 +134,13 @@ class RegionEncoder(nn.Module):
         if regions.dtype != torch.uint8:
             raise ValueError(f"regions must be uint8 pixels, got {regions.dtype}")
         b, _, h, w = regions.shape
-        if h != w or h % PATCH_PX:
-            raise ValueError(f"regions must be square multiples of {PATCH_PX} px, got {h}x{w}")
+        side = GRID * PATCH_PX
+        if (h, w) != (side, side):
+            # ViT-4K reads a GRID x GRID grid of patches; say so rather than fail in a reshape.
+            raise ValueError(
+                f"regions must be {side}x{side} px ({GRID}x{GRID} patches of {PATCH_PX} px), "
+                f"got {h}x{w}"
+            )
         # Cut on the target device: one uint8 transfer, and the reordering copy runs there.
         regions = regions.to(self.device, non_blocking=True)
         patches = region_to_patches(regions)  # [B, N, 3, 256, 256]
