@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -306,7 +307,9 @@ def _write_csv(path: Path, previous: list[SlideResult], results: Iterable[SlideR
 
 def _drop_stale_temps(features_dir: Path, slide_id: str) -> None:
     # A killed run of this shard leaves ".<id>.h5.tmp-*"; nobody trusts it, but it takes space.
-    for tmp in features_dir.glob(f".{slide_id}.h5.tmp-*"):
+    # The id is escaped: "s[1]" must not match (and delete) the temporary file of slide "s1",
+    # which another shard may be writing right now.
+    for tmp in features_dir.glob(f".{glob.escape(slide_id)}.h5.tmp-*"):
         with contextlib.suppress(OSError):
             tmp.unlink()
 
@@ -538,6 +541,17 @@ def embed_tiles(
             record(SlideResult(slide_id, "failed", error=err))
             say(f"{slide_id}: FAILED: {err}")
             continue
+        region_px = int(tiling.attrs.get("region_size", REGION_PX))
+        if region_px != REGION_PX:
+            # The encoder reads a 16x16 grid of 256 px patches; any other size would stop the
+            # whole run inside the model with a shape error, not just this slide.
+            err = (
+                f"{tiles_path}: regions are {region_px} px; hipt embed needs {REGION_PX} px "
+                f"regions (tile again with --region-px {REGION_PX})"
+            )
+            record(SlideResult(slide_id, "failed", n_regions=len(tiling), error=err))
+            say(f"{slide_id}: FAILED: {err}")
+            continue
         target = features_dir / f"{slide_id}.h5"
         expected = features_attrs(tiling, provenance, reader=reader, precision=precision)
         if not overwrite:
@@ -691,7 +705,14 @@ def _stream(
                 # The reader actually used ("auto" resolves per slide) is known once one is open.
                 attrs = dict(attrs, reader=item["reader"] or attrs["reader"])
                 writer = FeaturesWriter(target, job.coords, attrs, patch_features=patch_features)
-                writer.__enter__()  # creates the temporary file
+                try:
+                    writer.__enter__()  # creates the temporary file
+                except Exception as exc:  # e.g. a name too long for the file system
+                    if writer._ctx is not None:  # drop a temporary file it may have left
+                        with contextlib.suppress(Exception):
+                            writer._ctx.__exit__(type(exc), exc, None)
+                    fail(k, f"{target}: cannot create the features file: {exc}")
+                    continue
                 open_[k] = _Open(writer, job.n_regions, time.perf_counter())
             pixels = item["pixels"]
             if cuda:

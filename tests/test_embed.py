@@ -333,3 +333,90 @@ def test_rerun_skips_and_overwrite_redoes(run: dict, tmp_path: Path) -> None:
     assert go(random_depth=(1, 2)) == "ok"
     with h5py.File(tmp_path / "features" / "e.h5", "r") as f:
         assert f.attrs["random_depth"] == "1,2"
+
+
+def test_tiles_of_another_region_size_fail_that_slide_only(run: dict, tmp_path: Path) -> None:
+    # A --region-px 2048 tiling cannot feed the 16x16-patch encoder: that slide fails with a
+    # message saying so, before any read or model call, and the other slides go on.
+    attrs = run["tiles"]["a"].attrs
+    small = dict(attrs, slide_id="h", region_size=2048, slide_path=str(tmp_path / "h.tiff"))
+    write_tiles(tmp_path / "tiles" / "h.h5", np.zeros((1, 2)), [1.0], small)
+    write_tiles(tmp_path / "tiles" / "e.h5", np.zeros((0, 2)), [], dict(attrs, slide_id="e"))
+    summary = embed_tiles(
+        tmp_path / "tiles", tmp_path, random_weights=True, random_depth=DEPTH, device="cpu",
+        workers=0, progress=False,
+    )  # fmt: skip
+    status = {r.slide_id: r for r in summary.results}
+    assert status["e"].status == "ok"
+    assert status["h"].status == "failed"
+    assert "2048 px" in status["h"].error and "--region-px 4096" in status["h"].error
+    assert not (tmp_path / "features" / "h.h5").exists()
+
+
+def test_stale_temporaries_of_other_slides_are_kept(tmp_path: Path) -> None:
+    from hipt.embed import _drop_stale_temps
+
+    mine = tmp_path / ".s[1].h5.tmp-0badf00d"
+    other = tmp_path / ".s1.h5.tmp-12345678"  # another slide, maybe being written by a shard
+    mine.write_bytes(b"x")
+    other.write_bytes(b"x")
+    _drop_stale_temps(tmp_path, "s[1]")
+    assert not mine.exists()
+    assert other.exists()
+
+
+def test_a_features_file_that_cannot_be_created_fails_only_its_slide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hipt.embed as embed
+
+    class Items(torch.utils.data.Dataset):
+        # Tiny fake regions whose pixels carry the slide index; the stub encoder echoes it.
+        def __init__(self, jobs: list[SlideJob], reader: str = "auto") -> None:
+            self.index = [(k, r) for k, j in enumerate(jobs) for r in range(j.n_regions)]
+
+        def __len__(self) -> int:
+            return len(self.index)
+
+        def __getitem__(self, i: int) -> dict:
+            k, r = self.index[i]
+            pixels = torch.full((3, 2, 2), k, dtype=torch.uint8)
+            return dict(job=k, row=r, pixels=pixels, error="", reader="fake")
+
+        def close(self) -> None:
+            pass
+
+    class Echo(torch.nn.Module):
+        def forward(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            v = regions[:, 0, 0, 0].float() + 1
+            b = len(v)
+            return v.view(b, 1, 1).expand(b, 256, 384), v.view(b, 1).expand(b, 192)
+
+    real_enter = embed.FeaturesWriter.__enter__
+
+    def enter(self):
+        if self.path.stem == "y":
+            raise OSError("File name too long")
+        return real_enter(self)
+
+    monkeypatch.setattr(embed, "RegionDataset", Items)
+    monkeypatch.setattr(embed.FeaturesWriter, "__enter__", enter)
+    base = dict(
+        target_mpp=0.5, vit256_sha256="a", vit4k_sha256="b", mean=[0.5] * 3, std=[0.5] * 3,
+        hipt_version="0", reader="auto",
+    )  # fmt: skip
+    jobs = []
+    for sid, n in (("x", 2), ("y", 2), ("z", 1)):
+        coords = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+        job = SlideJob(sid, f"{sid}.tiff", coords)
+        jobs.append((job, dict(base, slide_id=sid), tmp_path / f"{sid}.h5"))
+    records: list = []
+    # One batch of 4 holds regions of x and y: y fails, x and z are written.
+    embed._stream(jobs, Echo(), torch.device("cpu"), 4, 0, "auto", True,
+                  embed._Progress(5, False), records.append)  # fmt: skip
+    status = {r.slide_id: r for r in records}
+    assert {k: r.status for k, r in status.items()} == {"x": "ok", "y": "failed", "z": "ok"}
+    assert "cannot create" in status["y"].error and "File name too long" in status["y"].error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5", "z.h5"]
+    assert np.all(read_features(tmp_path / "x.h5")["region_features"] == 1.0)
+    assert np.all(read_features(tmp_path / "z.h5", patch_features=True)["patch_features"] == 3.0)
