@@ -122,6 +122,9 @@ def write_tiles(
     missing = [k for k in TILES_REQUIRED_ATTRS if k not in attrs]
     if missing:
         raise SchemaError(f"{path}: tiles attrs missing {missing}")
+    if int(attrs["read_level"]) != 0 and "region_size_read_level" not in attrs:
+        # CLAM's patch_size is in read-level pixels; the level-0 size would be wrong there.
+        raise SchemaError(f"{path}: tiles read above level 0 need 'region_size_read_level'")
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
     if len(coords) != len(tissue_fraction):
@@ -218,18 +221,23 @@ class FeaturesWriter:
         tmp = self._ctx.__enter__()
         m = len(self.coords)
         f = h5py.File(tmp, "w")
-        f.attrs["schema"] = FEATURES_SCHEMA
-        for key, value in self.attrs.items():
-            f.attrs[key] = _encode_attr(value)
-        f.create_dataset("coords", data=self.coords)
-        if self.patch_features:
-            f.create_dataset(
-                "patch_features",
-                shape=(m, 256, self.patch_dim),
-                dtype=np.float16,
-                chunks=(1, 256, self.patch_dim) if m else None,
-            )
-        f.create_dataset("region_features", shape=(m, self.region_dim), dtype=np.float32)
+        try:
+            f.attrs["schema"] = FEATURES_SCHEMA
+            for key, value in self.attrs.items():
+                f.attrs[key] = _encode_attr(value)
+            f.create_dataset("coords", data=self.coords)
+            if self.patch_features:
+                f.create_dataset(
+                    "patch_features",
+                    shape=(m, 256, self.patch_dim),
+                    dtype=np.float16,
+                    chunks=(1, 256, self.patch_dim) if m else None,
+                )
+            f.create_dataset("region_features", shape=(m, self.region_dim), dtype=np.float32)
+        except BaseException as exc:
+            f.close()
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)  # drops the temporary file
+            raise
         self._file = f
         return self
 
@@ -267,9 +275,12 @@ def read_features_info(path: str | os.PathLike) -> FeaturesInfo:
             attrs = _checked_header(
                 f, path, FEATURES_SCHEMA, FEATURES_REQUIRED_ATTRS, "region_features"
             )
-            m = f["coords"].shape[0]
-            if f["coords"].shape != (m, 2):
-                raise SchemaError(f"{path}: coords shape {f['coords'].shape}, expected [M, 2]")
+            coords = f["coords"]
+            if coords.ndim != 2 or coords.shape[1] != 2 or coords.dtype != np.int64:
+                raise SchemaError(
+                    f"{path}: coords must be int64 [M, 2], got {coords.dtype} {coords.shape}"
+                )
+            m = coords.shape[0]
             if f["region_features"].shape[0] != m or f["region_features"].ndim != 2:
                 raise SchemaError(
                     f"{path}: region_features shape {f['region_features'].shape}, expected [{m}, D]"

@@ -117,3 +117,29 @@ def test_region_only_features_and_shape_check(tmp_path):
         f.create_dataset("region_features", data=np.zeros((2, 192)))
     with pytest.raises(SchemaError, match=r"s1.h5: region_features shape \(2, 192\)"):
         read_features_info(out)
+
+
+def test_features_coords_must_be_int64_pairs(tmp_path):
+    out = tmp_path / "s1.h5"
+    with FeaturesWriter(out, np.zeros((2, 2)), FEATURE_ATTRS, patch_features=False) as w:
+        w.write(0, None, np.ones((2, 192)))
+    with h5py.File(out, "a") as f:
+        del f["coords"]
+        f.create_dataset("coords", data=np.zeros((2, 2), dtype=np.float64))
+    with pytest.raises(SchemaError, match=r"s1.h5: coords must be int64 \[M, 2\], got float64"):
+        read_features_info(out)
+
+
+def test_writer_that_cannot_start_leaves_nothing(tmp_path):
+    bad = dict(FEATURE_ATTRS, weird=object())  # HDF5 cannot store this attribute
+    with pytest.raises(TypeError):
+        with FeaturesWriter(tmp_path / "s1.h5", np.zeros((1, 2)), bad):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tiles_read_above_level0_need_the_read_level_size(tmp_path):
+    attrs = dict(TILE_ATTRS, read_level=1)
+    del attrs["region_size_read_level"]
+    with pytest.raises(SchemaError, match="region_size_read_level"):
+        write_tiles(tmp_path / "s1.h5", np.zeros((1, 2)), [1.0], attrs)

@@ -24,6 +24,7 @@ TILES_ATTRS = dict(
     region_size=4096,
     region_size_level0=8192,
     read_level=1,
+    region_size_read_level=4096,
     patch_size=256,
     token_size=16,
 )
@@ -64,7 +65,10 @@ def test_tiles_file(tmp_path: Path) -> None:
     shapes = {d.name: (d.shape, d.dtype) for d in r.datasets}
     assert shapes == {"coords": ((3, 2), "int64"), "tissue_fraction": ((3,), "float32")}
     coords = next(d for d in r.datasets if d.name == "coords")
-    assert coords.attrs == {"patch_level": 1, "patch_size": 8192}
+    assert coords.attrs == {
+        "patch_level": 1,
+        "patch_size": 4096,
+    }  # read-level pixels, as CLAM reads it
     text = format_report(r)
     assert "mpp_source" in text and "openslide.mpp-x" in text and "valid:    yes" in text
 
