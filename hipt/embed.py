@@ -589,8 +589,14 @@ def embed_tiles(
     for job, attrs, target in todo:
         _drop_stale_temps(features_dir, job.slide_id)
         if job.n_regions == 0:
-            with FeaturesWriter(target, job.coords, attrs, patch_features=patch_features):
-                pass
+            try:
+                with FeaturesWriter(target, job.coords, attrs, patch_features=patch_features):
+                    pass
+            except Exception as exc:  # this slide fails, the others go on
+                err = f"{target}: cannot create the features file: {exc}"
+                record(SlideResult(job.slide_id, "failed", 0, error=err))
+                say(f"{job.slide_id}: FAILED: {err}")
+                continue
             record(SlideResult(job.slide_id, "ok", 0, 0.0, 0.0, "", _rel(target)))
         else:
             jobs.append((job, attrs, target))

@@ -420,3 +420,31 @@ def test_a_features_file_that_cannot_be_created_fails_only_its_slide(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5", "z.h5"]
     assert np.all(read_features(tmp_path / "x.h5")["region_features"] == 1.0)
     assert np.all(read_features(tmp_path / "z.h5", patch_features=True)["patch_features"] == 3.0)
+
+
+def test_an_empty_slide_whose_file_cannot_be_created_fails_alone(
+    run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hipt.embed as embed
+
+    real_enter = embed.FeaturesWriter.__enter__
+
+    def enter(self):
+        if self.path.stem == "y":
+            raise OSError("File name too long")
+        return real_enter(self)
+
+    monkeypatch.setattr(embed.FeaturesWriter, "__enter__", enter)
+    attrs = run["tiles"]["a"].attrs
+    for sid in ("x", "y", "z"):
+        write_tiles(
+            tmp_path / "tiles" / f"{sid}.h5", np.zeros((0, 2)), [], dict(attrs, slide_id=sid)
+        )
+    summary = embed_tiles(
+        tmp_path / "tiles", tmp_path, random_weights=True, random_depth=DEPTH, device="cpu",
+        workers=0, progress=False,
+    )  # fmt: skip
+    status = {r.slide_id: r for r in summary.results}
+    assert {k: r.status for k, r in status.items()} == {"x": "ok", "y": "failed", "z": "ok"}
+    assert "File name too long" in status["y"].error
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["x.h5", "z.h5"]
