@@ -178,3 +178,20 @@ def test_normalize_and_encode_patches_refuse_float_pixels_and_leave_them_alone()
     with pytest.raises(ValueError, match="uint8"):
         enc.encode_patches(pixels)
     assert torch.equal(pixels, before)
+
+
+def test_building_a_random_encoder_leaves_the_callers_generators_alone(monkeypatch):
+    # Only the CPU generator is seeded (and restored): a CUDA caller's generator is not reset.
+    seeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    seeded.clear()
+    kwargs = dict(vit256_kwargs=TINY256, vit4k_kwargs=TINY4K)
+    first, _ = build_region_encoder(None, None, random_weights=True, seed=5, **kwargs)
+    assert seeded == []
+    assert torch.equal(torch.rand(3), expected)
+    second, _ = build_region_encoder(None, None, random_weights=True, seed=5, **kwargs)
+    for key, value in first.state_dict().items():
+        assert torch.equal(second.state_dict()[key], value)

@@ -234,7 +234,9 @@ def build_region_encoder(
         raise ValueError("; ".join(missing))
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # The CPU generator only: fork_rng restores nothing else, and the models are built on
+        # the CPU. torch.manual_seed would also reset the caller's CUDA generators for good.
+        torch.random.default_generator.manual_seed(seed)
         vit256 = create_model("vit256_s16", **vit256_kwargs)
         vit4k = create_model("vit4k_xs", **vit4k_kwargs)
     provenance: dict[str, Any] = {}
