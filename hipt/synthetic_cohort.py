@@ -202,6 +202,7 @@ def make_survival_cohort(
     log_hazard_scale: float = 2.0,
     baseline_hazard: float = 0.05,
     censor_fraction: float = 0.3,
+    follow_up_months: float | None = 180.0,
     dim: int = 192,
     slides_per_case: int = 1,
     patch_features: bool = False,
@@ -211,7 +212,8 @@ def make_survival_cohort(
     """Write a survival cohort with known per-case hazards carried by a few regions.
 
     Times (months) are exponential with hazard ``baseline_hazard · exp(log_hazard_scale · z)``;
-    about ``censor_fraction`` of cases are censored at a uniform time before their event.
+    about ``censor_fraction`` of cases are censored at a uniform time before their event, and, as
+    in a real study, every case still alive at ``follow_up_months`` is censored there.
     Other parameters are as in :func:`make_subtyping_cohort`.
     """
     out_dir = Path(out_dir)
@@ -233,6 +235,8 @@ def make_survival_cohort(
             time, event = rng.uniform(0.0, t_event), 0
         else:
             time, event = t_event, 1
+        if follow_up_months is not None and time > follow_up_months:
+            time, event = follow_up_months, 0
         for s, region in enumerate(slides):
             slide_id = f"{case_id}-{s:02d}"
             _write_slide(feats / f"{slide_id}.h5", slide_id, region, rng, patch_features)
