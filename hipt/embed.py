@@ -528,18 +528,22 @@ def embed_tiles(
         if progress:
             print(line, file=sys.stderr)
 
+    def fail(slide_id: str, error: str, n_regions: int = 0) -> None:
+        record(SlideResult(slide_id, "failed", n_regions=n_regions, error=error))
+        say(f"{slide_id}: FAILED: {error}")
+
     for tiles_path in paths:
         slide_id = tiles_path.stem
         try:
             tiling = read_tiles(tiles_path)
         except SchemaError as exc:
-            record(SlideResult(slide_id, "failed", error=str(exc)))
-            say(f"{slide_id}: FAILED: {exc}")
+            fail(slide_id, str(exc))
             continue
         if tiling.slide_id != slide_id:
-            err = f"{tiles_path}: slide_id attr {tiling.slide_id!r} differs from the file name"
-            record(SlideResult(slide_id, "failed", error=err))
-            say(f"{slide_id}: FAILED: {err}")
+            fail(
+                slide_id,
+                f"{tiles_path}: slide_id attr {tiling.slide_id!r} differs from the file name",
+            )
             continue
         region_px = int(tiling.attrs.get("region_size", REGION_PX))
         if region_px != REGION_PX:
@@ -549,8 +553,7 @@ def embed_tiles(
                 f"{tiles_path}: regions are {region_px} px; hipt embed needs {REGION_PX} px "
                 f"regions (tile again with --region-px {REGION_PX})"
             )
-            record(SlideResult(slide_id, "failed", n_regions=len(tiling), error=err))
-            say(f"{slide_id}: FAILED: {err}")
+            fail(slide_id, err, len(tiling))
             continue
         target = features_dir / f"{slide_id}.h5"
         expected = features_attrs(tiling, provenance, reader=reader, precision=precision)
@@ -569,8 +572,7 @@ def embed_tiles(
                 f"{tiles_path}: slide {tiling.attrs['slide_path']} not found (looked at "
                 f"{', '.join(map(str, looked))}); pass --slides DIR"
             )
-            record(SlideResult(slide_id, "failed", n_regions=len(tiling), error=err))
-            say(f"{slide_id}: FAILED: {err}")
+            fail(slide_id, err, len(tiling))
             continue
         job = SlideJob(
             slide_id=slide_id,
@@ -578,7 +580,7 @@ def embed_tiles(
             coords=tiling.coords,
             target_mpp=float(tiling.attrs["target_mpp"]),
             mpp_level0=float(tiling.attrs["mpp_level0"]),
-            region_px=int(tiling.attrs.get("region_size", REGION_PX)),
+            region_px=region_px,
         )
         todo.append((job, expected, target))
     if results:
