@@ -10,7 +10,10 @@ tiles it covers. In the same run it measures:
                    fresh 50 MB array per region,
 * ``fast t=N``     the fast reader with its default decode thread pool (1-process rows only),
 * ``decode``       pure libjpeg-turbo (imagecodecs) decode of the same tile bytes, already in
-                   memory, one tile after another: the ceiling for a CPU reader,
+                   memory, one tile after another into one reused tile buffer: the ceiling for
+                   a CPU reader, and the goal's baseline,
+* ``decode new``   the same, each tile into a new array (as a plain ``jpeg8_decode`` call does):
+                   shows what allocation and first-touch page faults cost per tile,
 * ``tv cuda``      (``--device cuda``) nvJPEG batch decode through torchvision into a GPU tensor
                    (:mod:`hipt.readers.gpu_decode`); ``--device cpu`` runs the same code on CPU.
 
@@ -70,7 +73,7 @@ def _measure(job) -> dict[str, float]:
     import imagecodecs
 
     from hipt.readers.openslide_reader import OpenSlideReader
-    from hipt.readers.tiff_jpeg import TiffJpegReader
+    from hipt.readers.tiff_jpeg import TiffJpegReader, decode_buffer
 
     path, corners, region, methods, threads, device, rounds = job
     osr = OpenSlideReader(path)
@@ -88,9 +91,14 @@ def _measure(job) -> dict[str, float]:
         dev.read_level(0, 0, 0, 1024, 1024)  # CUDA context, nvJPEG handles
         sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
 
-    def decode(blobs: list[bytes]) -> None:
+    tw, th, _, _ = fast1.tile_grid(0)
+    tile_buf = decode_buffer((th, tw, 3))  # the reader's own choice of buffer (alignment)
+
+    def decode(blobs: list[bytes], into: np.ndarray | None) -> None:
         for data in blobs:
-            imagecodecs.jpeg8_decode(data, tables=tables, colorspace=space, outcolorspace="RGB")
+            imagecodecs.jpeg8_decode(
+                data, tables=tables, colorspace=space, outcolorspace="RGB", out=into
+            )
 
     reused = np.empty((region, region, 3), np.uint8)
     reused[:] = 0  # touched once, as a long-lived (e.g. shared-memory) batch buffer would be
@@ -101,7 +109,7 @@ def _measure(job) -> dict[str, float]:
             order = methods[k % len(methods) :] + methods[: k % len(methods)]
             k += 1
             for m in order:
-                blobs = _region_tiles(fast1, x, y, region) if m == "decode" else None
+                blobs = _region_tiles(fast1, x, y, region) if m.startswith("decode") else None
                 t = time.perf_counter()
                 if m == "openslide":
                     osr.read_level(0, x, y, region, region)
@@ -112,7 +120,9 @@ def _measure(job) -> dict[str, float]:
                 elif m.startswith("fast t="):
                     fastn.read_level(0, x, y, region, region)
                 elif m == "decode":
-                    decode(blobs)
+                    decode(blobs, tile_buf)
+                elif m == "decode new":
+                    decode(blobs, None)
                 else:
                     dev.read_level(0, x, y, region, region)
                     if sync:
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             corners = _regions(args.size, args.regions, REGION_PX)
             mp_region = REGION_PX * REGION_PX / 1e6
             for procs in args.processes:
-                methods = ["openslide", "fast t=1", "fast t=1 out", "decode"]
+                methods = ["openslide", "fast t=1", "fast t=1 out", "decode", "decode new"]
                 if procs == 1 and threads > 1:
                     methods.insert(2, f"fast t={threads}")
                 if args.device and procs == 1:

@@ -665,7 +665,9 @@ def _stream(
         pending.clear()
         if not rows:
             return
-        regions = torch.stack([px for _, _, px in rows])  # already on the device
+        # [B, H, W, 3] already on the device; the channels-first view costs no copy here (the
+        # encoder's patch reordering copies once anyway).
+        regions = torch.stack([px for _, _, px in rows]).permute(0, 3, 1, 2)
         with torch.inference_mode():
             patch, region = encoder(regions)
         region_np = region.float().cpu().numpy()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from hipt.geometry import REGION_PX
 
@@ -60,13 +61,23 @@ class SlideJob:
 
 
 class RegionItem(TypedDict):
-    """What the loader yields per region: ``pixels`` is uint8 ``[3, H, W]`` or empty on error."""
+    """What the loader yields per region: ``pixels`` is uint8 ``[H, W, 3]`` or empty on error.
+
+    Channels stay last, as the slide is read: turning them first in the worker would cost more
+    than reading the region; the encoder's one reordering copy on the device does it for free.
+    """
 
     job: int
     row: int
     pixels: torch.Tensor
     error: str
     reader: str
+
+
+def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor in shared memory (as DataLoader's own batch collation makes)."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def _error_text(path: str | os.PathLike, exc: BaseException) -> str:
@@ -128,12 +139,15 @@ class RegionDataset(Dataset):
             old.close()
         return slide
 
-    def read(self, job: int, row: int) -> np.ndarray:
-        """The uint8 ``[H, W, 3]`` RGB region ``row`` of slide ``job`` (raises on a read error)."""
+    def read(self, job: int, row: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The uint8 ``[H, W, 3]`` RGB region ``row`` of slide ``job`` (raises on a read error).
+
+        ``out``: optional writable uint8 ``[H, W, 3]`` array to read into.
+        """
         self._reset_if_forked()
         spec = self.jobs[job]
         x0, y0 = (int(v) for v in spec.coords[row])
-        pixels = self._slide(job).read_region(x0, y0, spec.region_px, spec.target_mpp)
+        pixels = self._slide(job).read_region(x0, y0, spec.region_px, spec.target_mpp, out=out)
         want = (spec.region_px, spec.region_px, 3)
         if pixels.shape != want or pixels.dtype != np.uint8:
             raise ValueError(
@@ -148,7 +162,17 @@ class RegionDataset(Dataset):
         if job in self._failed:
             return RegionItem(job=job, row=row, pixels=empty, error=self._failed[job], reader="")
         try:
-            pixels = self.read(job, row)
+            side = self.jobs[job].region_px
+            if get_worker_info() is not None:
+                # In a worker, read straight into shared memory: the tensor then crosses to the
+                # main process as a handle, not as a 48 MiB copy made while pickling it.
+                hwc = _shared_uint8((side, side, 3))
+                self.read(job, row, out=hwc.numpy())
+            else:
+                pixels = self.read(job, row)
+                # Contiguous, so the tensor pins and copies to the device in one piece;
+                # writable, as torch wants (a region resampled through PIL is read-only).
+                hwc = torch.from_numpy(np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))
         except Exception as exc:  # any failure of one slide must not stop the others
             self._failed[job] = _error_text(self.jobs[job].slide_path, exc)
             stale = self._open.pop(job, None)
@@ -156,15 +180,13 @@ class RegionDataset(Dataset):
                 with contextlib.suppress(Exception):
                     stale.close()
             return RegionItem(job=job, row=row, pixels=empty, error=self._failed[job], reader="")
-        # Channels first, contiguous, so the tensor pins and copies to the device in one piece.
-        chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         reader = str(getattr(self._open[job], "reader_name", self.reader))
         if row == self.jobs[job].n_regions - 1:
             # The last region of a slide: release its handle now rather than at eviction.
             slide = self._open.pop(job, None)
             if slide is not None:
                 slide.close()
-        return RegionItem(job=job, row=row, pixels=chw, error="", reader=reader)
+        return RegionItem(job=job, row=row, pixels=hwc, error="", reader=reader)
 
     def close(self) -> None:
         """Close the slides this process has open."""

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from hipt.readers import SlideReadError, open_reader
+from hipt.readers.base import check_out
 
 # A level-0 µm/px outside this range is metadata nonsense (72 dpi gives 352 µm/px).
 PLAUSIBLE_MPP = (0.02, 50.0)
@@ -234,13 +235,31 @@ class Slide:
         if self._reader is None:
             raise SlideReadError(f"{self.path}: slide is closed")
 
-    def read_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 ``[height, width, 3]`` of ``level`` with top-left at level-0 ``(x0, y0)``."""
+    def read_level(
+        self,
+        level: int,
+        x0: int,
+        y0: int,
+        width: int,
+        height: int,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """RGB uint8 ``[height, width, 3]`` of ``level`` with top-left at level-0 ``(x0, y0)``.
+
+        ``out``, if given, is a writable uint8 ``[height, width, 3]`` array filled and returned.
+        """
         self._require_open()
-        return self._reader.read_level(level, int(x0), int(y0), int(width), int(height))
+        return self._reader.read_level(level, int(x0), int(y0), int(width), int(height), out=out)
 
     def read_region(
-        self, x0: int, y0: int, size_px: int = 4096, target_mpp: float = 0.5
+        self,
+        x0: int,
+        y0: int,
+        size_px: int = 4096,
+        target_mpp: float = 0.5,
+        *,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Read the level-0 square at ``(x0, y0)`` as ``size_px`` × ``size_px`` at ``target_mpp``.
 
@@ -248,28 +267,39 @@ class Slide:
         :meth:`best_level_for` and area-averaged down (``Image.reduce`` for integer factors,
         a box filter otherwise). Outside the slide is white.
 
+        Parameters
+        ----------
+        out
+            Optional writable uint8 ``[size_px, size_px, 3]`` array to fill and return, e.g. a
+            view of shared memory that a DataLoader worker hands over without a copy. When no
+            resampling is needed the reader decodes straight into it.
+
         Returns
         -------
         ndarray
             uint8 ``[size_px, size_px, 3]`` RGB.
         """
+        check_out(out, size_px, size_px)
         level = self.best_level_for(target_mpp)
         ds = self.level_downsamples[level]
         side_level = self.region_size_level0(size_px, target_mpp) / ds
         n = int(math.ceil(side_level - 1e-6))
-        pixels = self.read_level(level, x0, y0, n, n)
         if n == size_px and abs(side_level - size_px) < 1e-6:
-            return pixels
+            return self.read_level(level, x0, y0, n, n, out=out)
+        pixels = self.read_level(level, x0, y0, n, n)
         img = Image.fromarray(pixels)
         factor = side_level / size_px
         k = round(factor)
         if k >= 2 and abs(factor - k) < 1e-6 and n == k * size_px:
-            out = img.reduce(k)
+            small = img.reduce(k)
         else:
-            out = img.resize(
+            small = img.resize(
                 (size_px, size_px), Image.Resampling.BOX, box=(0, 0, side_level, side_level)
             )
-        return np.asarray(out)
+        if out is None:
+            return np.asarray(small)
+        np.copyto(out, np.asarray(small))
+        return out
 
     def thumbnail(self, max_px: int = 2048) -> tuple[np.ndarray, float]:
         """A low-resolution RGB image of the whole slide and its level-0 downsample.

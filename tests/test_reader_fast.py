@@ -622,3 +622,14 @@ class _Range:
 
     def __getitem__(self, i: int) -> int:
         return i
+
+
+def test_decode_buffer_is_contiguous_and_off_the_32_byte_boundary() -> None:
+    # libjpeg-turbo streams 32-byte-aligned output rows past the cache; the reader's tile
+    # buffers start 16 bytes off that boundary so decoded tiles stay in cache for the copy.
+    from hipt.readers.tiff_jpeg import decode_buffer
+
+    for shape in [(256, 256, 3), (512, 512, 3), (240, 200, 3)]:
+        buf = decode_buffer(shape)
+        assert buf.shape == shape and buf.dtype == np.uint8 and buf.flags.c_contiguous
+        assert buf.ctypes.data % 32 == 16 and buf.flags.writeable

@@ -162,6 +162,22 @@ def test_outside_the_slide_is_white(tiff_050):
         assert out.shape == (512, 512, 3)
 
 
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize(
+    ("x", "y", "size_px", "target_mpp"), [(1900, -200, 512, 0.5), (0, 0, 300, 0.6)]
+)
+def test_read_region_into_a_given_array(tiff_050, reader, x, y, size_px, target_mpp):
+    # Direct reads (the reader fills the array) and resampled ones (the result is copied in)
+    # give what a plain read gives, in the caller's array, including the white outside.
+    with Slide(tiff_050.path, reader=reader) as s:
+        want = s.read_region(x, y, size_px, target_mpp)
+        buf = np.zeros((size_px, size_px, 3), np.uint8)
+        assert s.read_region(x, y, size_px, target_mpp, out=buf) is buf
+        np.testing.assert_array_equal(buf, want)
+        with pytest.raises(ValueError, match="out must be a writable uint8"):
+            s.read_region(x, y, size_px, target_mpp, out=np.zeros((size_px, size_px, 4), np.uint8))
+
+
 def test_non_pyramidal_tiff_reads_with_a_warning(single_level_tiff):
     with pytest.warns(SlowReadWarning, match="no pyramid"):
         s = Slide(single_level_tiff.path)

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
-from hipt.readers.base import SlideReadError
+from hipt.readers.base import SlideReadError, check_out
 
 
-def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite an RGBA array onto white; OpenSlide leaves pixels outside the slide transparent."""
+def _rgba_on_white(rgba: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Composite an RGBA array onto white; OpenSlide leaves pixels outside the slide transparent.
+
+    The RGB result goes to ``out`` when given (uint8, ``rgba``'s height and width, 3 channels).
+    """
     alpha = rgba[..., 3]
-    rgb = np.array(rgba[..., :3])  # contiguous copy
+    if out is None:
+        rgb = np.array(rgba[..., :3])  # contiguous copy
+    else:
+        rgb = out
+        np.copyto(rgb, rgba[..., :3])
     if alpha.min() == 255:
         return rgb
     # Most non-opaque pixels are fully transparent (outside the slide): set those directly and
@@ -86,10 +93,23 @@ class OpenSlideReader:
             self.close()
             raise SlideReadError(f"{self.path}: has no image levels")
 
-    def read_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 ``[height, width, 3]`` of ``level`` with top-left at level-0 ``(x0, y0)``."""
+    def read_level(
+        self,
+        level: int,
+        x0: int,
+        y0: int,
+        width: int,
+        height: int,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """RGB uint8 ``[height, width, 3]`` of ``level`` with top-left at level-0 ``(x0, y0)``.
+
+        ``out``, if given, is a writable uint8 ``[height, width, 3]`` array filled and returned.
+        """
         import openslide
 
+        check_out(out, width, height)
         if self._slide is None:
             raise SlideReadError(f"{self.path}: reader is closed")
         if not 0 <= level < self.level_count:
@@ -101,7 +121,7 @@ class OpenSlideReader:
                 f"{self.path}: cannot read level {level} at level-0 ({x0}, {y0}), "
                 f"{width}x{height} px: {exc}"
             ) from None
-        return _rgba_on_white(np.asarray(img))
+        return _rgba_on_white(np.asarray(img), out)
 
     def close(self) -> None:
         """Release the OpenSlide handle (safe to call twice)."""
