@@ -15,12 +15,27 @@ weights, so no download is needed):
   model) and the model (the region encoder on regions already in memory).
 
 The table gives seconds per region and regions/s of each. When the end-to-end rate of ``hipt``
-is close to its model-alone rate, the device is not waiting for input.
+is close to its model-alone rate, the device is not waiting for input. ``--readers`` runs the
+``hipt`` end-to-end and read-only rows once per slide reader. On CUDA, the GPU utilisation is
+sampled (NVML, through ``torch.cuda.utilization``) every 0.1 s while ``hipt`` runs end to end;
+its mean and the share of samples at 90 % or more are printed per reader ("n/a" without NVML).
+
+Sizing a short run:
+
+* ``--slide-regions M`` writes a slide with only M distinct regions (writing the JPEG pyramid
+  takes far longer than reading it); when ``--regions`` is larger, the tiles file repeats those
+  M regions in turn. Every read still decodes the whole region from the file (no reader keeps
+  decoded regions; OpenSlide's tile cache is smaller than one region), so the rates stay
+  throughput figures, only the pixels repeat.
+* ``--original-regions N`` runs the slow original-style loop on the first N regions only; all
+  rates are per region, so they remain comparable.
+* The seconds each phase took (slide writing, encoder set-up, each run) are printed at the end.
 
 Usage::
 
     python benchmarks/bench_embed.py                     # CPU, 2 regions per method
-    python benchmarks/bench_embed.py --device cuda --regions 64 --workers 16 --batch-regions 8
+    python benchmarks/bench_embed.py --device cuda --regions 64 --slide-regions 16 \
+        --original-regions 4 --workers 15 --batch-regions 8 --readers fast openslide
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,16 +67,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_slide(workdir: Path, n_regions: int) -> tuple[Path, Path, np.ndarray]:
-    """A slide holding ``n_regions`` whole regions side by side (2 rows when more than 4)."""
-    cols = n_regions if n_regions <= 4 else int(np.ceil(n_regions / 2))
-    rows = int(np.ceil(n_regions / cols))
+def make_slide(
+    workdir: Path, n_regions: int, n_distinct: int | None = None
+) -> tuple[Path, Path, np.ndarray]:
+    """A slide of ``n_distinct`` whole regions side by side (2 rows when more than 4).
+
+    The tiles file lists ``n_regions`` regions: the distinct ones in turn, repeated as needed.
+    """
+    n_distinct = min(n_distinct or n_regions, n_regions)
+    cols = n_distinct if n_distinct <= 4 else int(np.ceil(n_distinct / 2))
+    rows = int(np.ceil(n_distinct / cols))
     slide = write_generic_tiff(
         workdir / "bench.tiff", cols * REGION_PX, rows * REGION_PX, mpp=TARGET_MPP, seed=7
     )
     coords = np.array(
-        [[(i % cols) * REGION_PX, (i // cols) * REGION_PX] for i in range(n_regions)], np.int64
+        [[(i % cols) * REGION_PX, (i // cols) * REGION_PX] for i in range(n_distinct)], np.int64
     )
+    coords = coords[np.arange(n_regions) % n_distinct]
     attrs = dict(
         slide_id="bench",
         slide_path=str(slide.path),
@@ -76,6 +99,51 @@ def make_slide(workdir: Path, n_regions: int) -> tuple[Path, Path, np.ndarray]:
     )
     tiles = write_tiles(workdir / "tiles" / "bench.h5", coords, np.ones(n_regions), attrs)
     return slide.path, tiles, coords
+
+
+class UtilSampler:
+    """Samples NVML GPU utilisation (% of time a kernel ran) in a background thread.
+
+    ``torch.cuda.utilization`` needs NVML (``pynvml``); without it, or off CUDA, :attr:`error`
+    says why and :meth:`summary` returns ``"n/a"``.
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.1) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.samples: list[int] = []
+        self.error: str | None = None if device.type == "cuda" else "not a CUDA device"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> UtilSampler:
+        if self.error is None:
+            try:
+                torch.cuda.utilization(self.device)
+            except Exception as exc:  # NVML missing or refusing: report, never fail the run
+                self.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:80]
+        if self.error is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.samples.append(int(torch.cuda.utilization(self.device)))
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:80]
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> str:
+        if not self.samples:
+            return f"n/a ({self.error or 'no samples'})"
+        u = np.asarray(self.samples)
+        return f"mean {u.mean():.0f} %, {np.mean(u >= 90):.0%} of {len(u)} samples at >= 90 %"
 
 
 # ----------------------------------------------------------------------------- original
@@ -156,7 +224,20 @@ def hipt_model_only(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--regions", type=int, default=2, help="4096 px regions per method")
+    p.add_argument("--regions", type=int, default=2, help="4096 px regions per hipt run")
+    p.add_argument(
+        "--slide-regions",
+        type=int,
+        default=None,
+        help="distinct regions written to the slide (default --regions); the tiles file "
+        "repeats them in turn up to --regions",
+    )
+    p.add_argument(
+        "--original-regions",
+        type=int,
+        default=None,
+        help="regions for the slow original-style loop (default all, 0 skips it)",
+    )
     p.add_argument(
         "--workers", type=int, default=None, help="hipt DataLoader workers (default CPUs-1)"
     )
@@ -166,7 +247,15 @@ def main() -> None:
         default=None,
         help="hipt regions per call (default 1 on CPU, 8 on CUDA)",
     )
-    p.add_argument("--reader", default="auto", choices=["auto", "openslide", "fast"])
+    readers = ["auto", "openslide", "fast"]
+    p.add_argument("--reader", default="auto", choices=readers)
+    p.add_argument(
+        "--readers",
+        nargs="+",
+        default=None,
+        choices=readers,
+        help="run hipt end to end and read-only once per reader (default: --reader)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where the slide is written")
     p.add_argument(
         "--depth",
@@ -174,20 +263,33 @@ def main() -> None:
         help="ViT-256,ViT-4K blocks (default the real 12,6; less only to smoke-test)",
     )
     args = p.parse_args()
+    if args.regions < 1 or (args.slide_regions is not None and args.slide_regions < 1):
+        p.error("--regions and --slide-regions must be at least 1")
+    if args.original_regions is not None and args.original_regions < 0:
+        p.error("--original-regions must be 0 or more")
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_regions or (8 if cuda else 1)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = args.workers if args.workers is not None else max(1, min(16, (cpus or 2) - 1))
+    reader_list = list(dict.fromkeys(args.readers or [args.reader]))
+    n = args.regions
+    n_distinct = min(args.slide_regions or n, n)
+    n_orig = n if args.original_regions is None else min(args.original_regions, n)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_embed_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
 
     t = time.perf_counter()
-    slide_path, tiles, coords = make_slide(workdir, args.regions)
+    slide_path, tiles, coords = make_slide(workdir, n, n_distinct)
+    phases["write slide"] = time.perf_counter() - t
+    repeat = f", each read {n / n_distinct:.3g} times on average" if n > n_distinct else ""
     print(
-        f"slide: {args.regions} regions of 4096 px at {TARGET_MPP} µm/px ({time.perf_counter() - t:.1f} s to write)"
+        f"slide: {n_distinct} distinct regions of 4096 px at {TARGET_MPP} µm/px "
+        f"({phases['write slide']:.1f} s to write); hipt reads {n} regions{repeat}"
     )
+    t = time.perf_counter()
     d256, d4k = (int(v) for v in args.depth.split(","))
     encoder, provenance = build_region_encoder(
         None, None, random_weights=True, device=device,
@@ -199,23 +301,37 @@ def main() -> None:
         encoder.vit256(torch.zeros(2, 3, 256, 256, device=device))
         encoder.encode(torch.zeros(1, 3, 4096, 4096, dtype=torch.uint8, device=device))
     sync(device)
+    phases["build + warm up encoder"] = time.perf_counter() - t
 
-    orig = original_loop(slide_path, coords, encoder, device)
+    orig = None
+    if n_orig:
+        t = time.perf_counter()
+        orig = original_loop(slide_path, coords[:n_orig], encoder, device)
+        phases[f"original loop ({n_orig} regions)"] = time.perf_counter() - t
 
-    out = workdir / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = embed_tiles(
-        tiles, out, encoder=encoder, provenance=provenance, device=device,
-        batch_regions=batch, workers=workers, reader=args.reader, progress=False,
-    )  # fmt: skip
-    sync(device)
-    e2e = time.perf_counter() - t0
-    assert summary.n_ok == 1, summary.results
-    read_s = hipt_read_only(slide_path, coords, workers, args.reader, cuda)
-    model_s = hipt_model_only(encoder, args.regions, batch, device)
+    e2e: dict[str, float] = {}
+    read_s: dict[str, float] = {}
+    util: dict[str, str] = {}
+    for reader in reader_list:
+        out = workdir / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        with UtilSampler(device) as sampler:
+            t0 = time.perf_counter()
+            summary = embed_tiles(
+                tiles, out, encoder=encoder, provenance=provenance, device=device,
+                batch_regions=batch, workers=workers, reader=reader, progress=False,
+            )  # fmt: skip
+            sync(device)
+            e2e[reader] = time.perf_counter() - t0
+        assert summary.n_ok == 1, summary.results
+        util[reader] = sampler.summary()
+        phases[f"hipt end to end, {reader}"] = e2e[reader]
+        read_s[reader] = hipt_read_only(slide_path, coords, workers, reader, cuda)
+        phases[f"hipt read-only, {reader}"] = read_s[reader]
+    t = time.perf_counter()
+    model_s = hipt_model_only(encoder, n, batch, device)
+    phases["hipt model-only"] = time.perf_counter() - t
 
-    n = args.regions
     name = (
         torch.cuda.get_device_name(device)
         if cuda
@@ -225,30 +341,47 @@ def main() -> None:
         f"device: {device} [{name}], torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     print(f"encoders: ViT-256 depth {d256}, ViT-4K depth {d4k} (random weights)")
-    print(f"hipt: workers {workers}, batch_regions {batch}, reader {args.reader}, "
-          f"precision {'bf16 autocast' if cuda else 'fp32'}; original: fp32, 1 region per call")  # fmt: skip
+    print(f"hipt: {n} regions, workers {workers}, batch_regions {batch}, "
+          f"readers {' '.join(reader_list)}, precision {'bf16 autocast' if cuda else 'fp32'}")  # fmt: skip
+    orig_note = f"{n_orig} regions" if n_orig else "skipped (--original-regions 0)"
+    print(f"original: fp32, 1 region per call, {orig_note}")
     print()
-    head = f"{'path':<40}{'s/region':>10}{'regions/s':>11}"
+    head = f"{'path':<44}{'s/region':>10}{'regions/s':>11}"
     print(head)
     print("-" * len(head))
-    rows = [
-        ("original: read+decode (OpenSlide+PIL)", orig["read"]),
-        ("original: model (fp32, 1 region)", orig["model"]),
-        ("original: end to end", orig["total"]),
-        (f"hipt: read+decode ({workers} workers)", read_s),
-        (f"hipt: model alone (batch {batch})", model_s),
-        ("hipt: end to end (hipt embed)", e2e),
-    ]
-    for label, seconds in rows:
-        print(f"{label:<40}{seconds / n:>10.3f}{n / seconds:>11.3f}")
+    rows: list[tuple[str, float, int]] = []
+    if orig is not None:
+        rows += [
+            ("original: read+decode (OpenSlide+PIL)", orig["read"], n_orig),
+            ("original: model (fp32, 1 region)", orig["model"], n_orig),
+            ("original: end to end", orig["total"], n_orig),
+        ]
+    for reader in reader_list:
+        rows.append((f"hipt: read+decode, {reader} ({workers} workers)", read_s[reader], n))
+    rows.append((f"hipt: model alone (batch {batch})", model_s, n))
+    for reader in reader_list:
+        rows.append((f"hipt: end to end, {reader} (hipt embed)", e2e[reader], n))
+    for label, seconds, count in rows:
+        print(f"{label:<44}{seconds / count:>10.3f}{count / seconds:>11.3f}")
     print()
-    print(f"speed-up end to end, hipt vs original: {orig['total'] / e2e:.2f}x")
-    share = model_s / e2e
+    for reader in reader_list:
+        share = model_s / e2e[reader]
+        if cuda:
+            verdict = "the GPU waits for input" if share < 0.9 else "the GPU is the limit"
+        else:
+            verdict = "on a CPU, readers and model share the cores"
+        speedup = (
+            f"{(orig['total'] / n_orig) / (e2e[reader] / n):.2f}x the original per region"
+            if orig is not None
+            else "no original run"
+        )
+        print(f"hipt end to end, {reader}: {share:.0%} of its model-alone rate ({verdict}); "
+              f"{speedup}; GPU utilisation {util[reader]}")  # fmt: skip
     if cuda:
-        verdict = "the GPU waits for input" if share < 0.9 else "the GPU is the limit"
-    else:
-        verdict = "on a CPU, readers and model share the cores"
-    print(f"hipt end to end reaches {share:.0%} of its model-alone rate ({verdict})")
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"peak GPU memory allocated: {peak:.1f} GiB")
+    print()
+    print("phase seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 
