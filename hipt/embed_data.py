@@ -4,8 +4,9 @@ The dataset is map-style over ``(slide, region)`` pairs in slide order, so a Dat
 ``batch_size=None`` hands the regions back in that same order however many workers read them,
 and the writer can close each slide's file as soon as its last region arrives. Each worker opens
 its own :class:`hipt.slide.Slide` lazily (OpenSlide handles must not cross a fork), keeps at most
-a couple of them open, reads one region at the target µm/px and returns it as a uint8 ``[3, H, W]``
-tensor. Normalisation happens later on the device, inside the region encoder. Only
+a couple of them open, reads one region at the target µm/px straight into shared memory and
+returns it as a uint8 ``[H, W, 3]`` tensor (channels last, as read). Channel order and
+normalisation are done later on the device, inside the region encoder. Only
 ``workers × prefetch`` regions are ever in flight, whatever the slide size.
 
 A slide that cannot be opened or read does not stop the loader: the item carries the error
