@@ -366,8 +366,9 @@ class TiffJpegReader:
         blobs = self.read_tiles(level, [j[0] for j in jobs])
 
         def run(some: list) -> None:
-            # Each thread decodes into its own reused tile buffer: a fresh array per tile costs
-            # about as much as the decode itself (allocation and first-touch page faults).
+            # Each thread decodes into its own reused tile buffer, placed so libjpeg-turbo keeps
+            # the tile in cache for the copy below (see decode_buffer); a new array per tile
+            # gets whatever alignment the allocator hands out.
             scratch = self._tile_buffer(level)
             for index, src, dst in some:
                 data = blobs[index]
