@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("preprocessing.cli", "segment tissue and cut slides into 4096 px regions"),
     "embed": ("hipt.embed", "embed tiled regions with ViT-256 and ViT-4K into features/*.h5"),
     "train": ("train.cli", "slide-level subtyping or survival, k-fold by case"),
+    "pretrain": ("train.dino.cli", "DINO pretraining of ViT-256 (stage1) or ViT-4K (stage2)"),
     "inspect": (
         "hipt.inspect",
         "print the schema, shapes and provenance of a tiles or features file",
