@@ -65,6 +65,12 @@ class ModelConfig(ConfigModel):
         return self
 
 
+class Vit4kModelConfig(ModelConfig):
+    """:class:`ModelConfig` of stage 2: ViT-4K by default."""
+
+    arch: Literal["vit256_s16", "vit4k_xs"] = "vit4k_xs"
+
+
 class DinoConfig(ConfigModel):
     """Self-distillation: temperatures, centring, teacher EMA."""
 
@@ -233,7 +239,7 @@ class Stage2Config(_StageConfig):
     """``hipt pretrain stage2``: ViT-4K on [384, 16, 16] patch-embedding grids."""
 
     stage: Literal["stage2"] = "stage2"
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="vit4k_xs"))
+    model: Vit4kModelConfig = Field(default_factory=Vit4kModelConfig)
     data: FeatureDataConfig
     crops: GridCropsConfig = Field(default_factory=GridCropsConfig)
 

@@ -17,8 +17,10 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -51,6 +53,8 @@ from train.dino.schedule import Schedules
 __all__ = ["Outcome", "Run", "pretrain"]
 
 EXIT_PREEMPTED = 3  # checkpoint saved after SIGTERM/SIGUSR1: requeue and resume
+# Tests that signal a run mid-way slow its steps down with this (seconds); never set otherwise.
+_STEP_SLEEP_S = float(os.environ.get("HIPT_TEST_STEP_SLEEP", "0") or 0)
 
 
 @dataclass
@@ -254,9 +258,27 @@ class Run:
         dist.all_gather_object(everyone, mine)
         return everyone
 
+    def _weights_digest(self) -> str:
+        digest = hashlib.sha256()
+        for p in self.student_params + self.teacher_params:
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _check_ranks_agree(self) -> list[str]:
+        """SHA-256 of every process's student + teacher; processes that drifted apart are an error."""
+        mine = self._weights_digest()
+        if not self.env.is_distributed:
+            return [mine]
+        everyone: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(everyone, mine)
+        if len(set(everyone)) != 1:
+            raise RuntimeError(f"processes hold different weights at step {self.step}: {everyone}")
+        return everyone
+
     def save(self) -> None:
         """Write ``checkpoint.pth`` and ``teacher.pth`` (rank 0; every rank gives its RNG)."""
         rng = self._gather_rng()
+        digests = self._check_ranks_agree()
         if not self.env.is_main:
             return
         t_back = {
@@ -289,6 +311,7 @@ class Run:
                 "epoch": self.step // max(1, self.steps_per_epoch),
                 "world_size": self.env.world_size,
                 "rng": rng,
+                "rank_weights_sha256": digests,
                 "config": config_dict(self.cfg),
             },
         )
@@ -473,6 +496,8 @@ def _loop(run: Run, flag: _StopFlag, log_path: Path) -> tuple[str, list[float]]:
                         temp=f"{run.sched.teacher_temperature(run.step - 1):.3f}",
                         img_s=f"{t.batch_size / dt:.1f}",
                     )
+                if _STEP_SLEEP_S:
+                    time.sleep(_STEP_SLEEP_S)
                 if run.agreed_stop(flag):
                     status = "preempted"
                 elif t.stop_at_step is not None and t.stop_at_step <= run.step < run.total_steps:
