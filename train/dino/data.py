@@ -50,6 +50,7 @@ __all__ = [
     "tissue_fraction",
 ]
 
+LOWRES_CELL_PX = 16  # a patch's side in the low-power view used to find tissue patches
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
@@ -246,6 +247,7 @@ class SlidePatches:
         self.skip_dir = Path(skip_dir) if skip_dir is not None else None
         self._pid: int | None = None
         self._open: OrderedDict[int, Any] = OrderedDict()
+        self._lowres: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.failed: set[int] = set()
 
     def __len__(self) -> int:
@@ -276,6 +278,43 @@ class SlidePatches:
             _, old = self._open.popitem(last=False)
             old.close()
         return handle
+
+    def tissue_candidates(self, index: int, tissue: Any) -> np.ndarray:
+        """Flat indices of the patches of ``index``'s region that look like tissue at low power.
+
+        The region is read once per process at 1/16 of its resolution (16 px per patch) and
+        every patch's tissue share is measured there, so a glass patch is replaced by a tissue
+        patch of the same region instead of a blind redraw. Empty if the region has none or
+        its slide cannot be read.
+        """
+        s, region, _ = self.locate(index)
+        key = (s, region)  # a cache of pure values: a forked worker may keep its parent's
+        shares = self._lowres.get(key)
+        if shares is None:
+            spec = self.slides[s]
+            x0, y0 = (int(v) for v in spec.coords[region])
+            try:
+                small = self._slide(s).read_region(
+                    x0, y0, spec.grid * LOWRES_CELL_PX, spec.target_mpp * PATCH_PX / LOWRES_CELL_PX
+                )
+            except Exception:
+                return np.zeros(0, np.int64)
+            cells = small.reshape(spec.grid, LOWRES_CELL_PX, spec.grid, LOWRES_CELL_PX, 3)
+            cells = cells.transpose(0, 2, 1, 3, 4).reshape(-1, LOWRES_CELL_PX, LOWRES_CELL_PX, 3)
+            shares = np.array(
+                [
+                    tissue_fraction(
+                        c, tissue.min_saturation, tissue.dark_max_value,
+                        tissue.pen_min_saturation, tissue.pen_hue_range,
+                    )
+                    for c in cells
+                ]
+            )  # fmt: skip
+            self._lowres[key] = shares
+            while len(self._lowres) > 4096:
+                self._lowres.popitem(last=False)
+        base = index - index % (self.slides[s].grid ** 2)
+        return base + np.flatnonzero(shares >= tissue.min_fraction)
 
     def read(self, index: int) -> np.ndarray | None:
         """uint8 ``[256, 256, 3]`` patch ``index``, or None if its slide cannot be read."""
@@ -436,10 +475,19 @@ class MultiCropDataset(Dataset):
                 tries -= 1
                 if share >= (t.min_fraction if t is not None else 0.0) or tries <= 0:
                     break
-            index = int(rng.integers(len(self.source)))
+            index = self._redraw(index, rng)
         if best is None:
             raise DataError("no readable patch in many draws: are all slides unreadable?")
         return best
+
+    def _redraw(self, index: int, rng: np.random.Generator) -> int:
+        # A tissue patch of the same region if the source can tell, else any patch at all.
+        find = getattr(self.source, "tissue_candidates", None)
+        if find is not None and self.tissue is not None:
+            found = find(index, self.tissue)
+            if len(found):
+                return int(rng.choice(found))
+        return int(rng.integers(len(self.source)))
 
     def _share(self, rgb: np.ndarray) -> float:
         t = self.tissue
@@ -456,5 +504,6 @@ class MultiCropDataset(Dataset):
             if isinstance(self.source, FeatureGrids):
                 return self.transform(self.source.read(int(index)))
             rgb = self._pixels(int(index), np.random.default_rng(seed))
-            patch = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+            rgb = np.require(rgb, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])  # PIL's may be read-only
+            patch = torch.from_numpy(rgb).permute(2, 0, 1)
             return self.transform(patch)
