@@ -123,7 +123,7 @@ def pipeline_rows(work: Path, n: int) -> list[tuple[str, float]]:
     # The ceiling: the very patches the slide rows train on, decoded beforehand.
     decoded = [
         full._pixels(int(i), np.random.default_rng(int(i)))
-        for i in np.random.default_rng(1).permutation(len(source))[: max(64, n // 2)]
+        for i in np.random.default_rng(1).permutation(len(source))[: n + 32]
     ]
     ceiling = MultiCropDataset(DecodedPatches(decoded), PatchMultiCrop(crops), seed=0)
     return [
@@ -155,7 +155,7 @@ class PlainRun(Run):
             for pt, ps in zip(self.teacher_params, self.student_params, strict=True):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
         self.step += 1
-        return float(loss)
+        return float(loss.detach())
 
 
 def make_run(cls, work: Path, args, precision: str, fused: str, plain_attention: bool) -> Run:
@@ -169,7 +169,9 @@ def make_run(cls, work: Path, args, precision: str, fused: str, plain_attention:
         ],
     )  # fmt: skip
     run = cls(cfg, DistEnv("single"))
-    if plain_attention:
+    if plain_attention:  # the baseline: eager attention, per-tensor AdamW
+        for group in run.optimizer.param_groups:
+            group["foreach"] = False
         for model in (run.student, run.teacher):
             for block in model.backbone.blocks:
                 block.attn.fused_attn = False
@@ -225,7 +227,7 @@ def main() -> None:
         rate16 = matmul_rate(device, torch.bfloat16) if cuda else rate32
         head = {"hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 65536}
         flops = step_flops(1, args.depth, PatchCropsConfig(), head)
-        modes = [("plain fp32 loop (baseline)", PlainRun, "fp32", "off", True, rate32)]
+        modes = [("plain fp32 loop (baseline)", PlainRun, "fp32", "false", True, rate32)]
         modes.append(("hipt engine fp32", Run, "fp32", "auto", False, rate32))
         if cuda:
             modes.append(
