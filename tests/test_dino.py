@@ -197,3 +197,15 @@ def test_rank_and_rendezvous_from_torchrun_then_slurm_then_single():
     assert detect(batch_script).launcher == "single"  # the batch shell itself is not a rank
     assert first_node("n1,n2") == "n1" and first_node("x[5,7-9]") == "x5"
     assert math.isfinite(port_for_job("12_3"))
+
+
+def test_missing_or_empty_tiles_folder_is_one_clear_error(tmp_path):
+    from train.dino.data import DataError, ImageFolderPatches, SlidePatches
+
+    with pytest.raises(DataError, match="no such folder"):
+        SlidePatches(tmp_path / "absent")
+    (tmp_path / "tiles").mkdir()
+    with pytest.raises(DataError, match=r"no tiles/\*\.h5 files"):
+        SlidePatches(tmp_path / "tiles")
+    with pytest.raises(DataError, match="no images"):
+        ImageFolderPatches(tmp_path / "tiles")

@@ -177,3 +177,29 @@ def test_pretrain_requeued_after_usr1_resumes_to_the_same_weights(slurm):
     b = torch.load(work / "requeued" / "checkpoint.pth", map_location="cpu", weights_only=True)
     for part in ("student", "teacher_native"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+@pytest.mark.slow
+def test_pretrain_under_srun_without_torchrun_takes_ranks_from_slurm(slurm):
+    import torch
+    from dino_data import write_feature_grids
+    from test_dino_train import TINY2
+
+    work = slurm.root / "pretrain_srun"
+    features = write_feature_grids(work / "features", n_files=2, regions=8, seed=5)
+    sets = " ".join(f"--set '{o}'" for o in [*TINY2, "train.epochs=1"])
+    cmd = (
+        f"srun python -m hipt.cli pretrain stage2 --set data.features_dir={features} "
+        f"--out {work / 'out'} {sets}"
+    )
+    job = slurm.sbatch(
+        "--ntasks=2", "--cpus-per-task=1", "--mem-per-cpu=1500", f"--chdir={work}",
+        f"--output={work}/job.out", "--wrap", cmd, env={**job_env(), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    slurm.wait(job, timeout_s=300)
+    log = (work / "job.out").read_text()
+    state = json.loads((work / "out" / "state.json").read_text())
+    assert state["status"] == "complete", log
+    ckpt = torch.load(work / "out" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 2, log  # 16 grids // batch 8
+    assert len(set(ckpt["rank_weights_sha256"])) == 1

@@ -146,6 +146,8 @@ class Run:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = _device(cfg, self.env)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # collectives of objects use the current device
         self.dataset = build_dataset(cfg, self.out)  # bad data folders fail before any work
         self.steps_per_epoch = len(self.dataset) // t.batch_size
         # Checked by the sampler too, but here with the numbers a user needs.
