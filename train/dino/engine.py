@@ -450,9 +450,36 @@ def pretrain(cfg: Stage1Config | Stage2Config, env: DistEnv | None = None) -> Ou
     return Outcome(status, run.step, run.total_steps, run.out, losses)
 
 
+def _report(run: Run, log: Any, bar: Any, epoch: int, loss: float, dt: float, eta: float) -> None:
+    """One ``log.jsonl`` line (every ``log_every_steps``) and the progress bar's figures."""
+    s, t = run.step - 1, run.cfg.train  # the schedules of the step just taken
+    if log is not None and run.step % t.log_every_steps == 0:
+        record = {
+            "step": run.step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": run.sched.lr(s),
+            "weight_decay": run.sched.weight_decay(s),
+            "momentum": run.sched.momentum(s),
+            "teacher_temp": run.sched.teacher_temperature(s),
+            "images_per_s": t.batch_size / dt,
+            "eta_s": eta,
+        }
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{loss:.4f}",
+            lr=f"{run.sched.lr(s):.2e}",
+            temp=f"{run.sched.teacher_temperature(s):.3f}",
+            img_s=f"{t.batch_size / dt:.1f}",
+        )
+
+
 def _loop(run: Run, flag: _StopFlag, log_path: Path) -> tuple[str, list[float]]:
-    cfg, env = run.cfg, run.env
-    t = cfg.train
+    """Steps until the end, a signal or ``stop_at_step``; returns the status and the losses."""
+    cfg, env, t = run.cfg, run.env, run.cfg.train
     bar = None
     if env.is_main and t.progress:
         from tqdm import tqdm
@@ -470,34 +497,12 @@ def _loop(run: Run, flag: _StopFlag, log_path: Path) -> tuple[str, list[float]]:
             epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
             for crops in run.loader(epoch, in_epoch):
                 t0 = time.perf_counter()
-                loss = run.train_step(crops)
-                losses.append(loss)
+                losses.append(run.train_step(crops))
                 dt = time.perf_counter() - t0
-                done = run.step - step_start
-                eta = (time.perf_counter() - t_start) / done * (run.total_steps - run.step)
-                if log is not None and run.step % t.log_every_steps == 0:
-                    s = run.step - 1
-                    record = {
-                        "step": run.step,
-                        "epoch": epoch,
-                        "loss": loss,
-                        "lr": run.sched.lr(s),
-                        "weight_decay": run.sched.weight_decay(s),
-                        "momentum": run.sched.momentum(s),
-                        "teacher_temp": run.sched.teacher_temperature(s),
-                        "images_per_s": t.batch_size / dt,
-                        "eta_s": eta,
-                    }
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{loss:.4f}",
-                        lr=f"{run.sched.lr(run.step - 1):.2e}",
-                        temp=f"{run.sched.teacher_temperature(run.step - 1):.3f}",
-                        img_s=f"{t.batch_size / dt:.1f}",
-                    )
+                per_step = (time.perf_counter() - t_start) / (run.step - step_start)
+                _report(
+                    run, log, bar, epoch, losses[-1], dt, per_step * (run.total_steps - run.step)
+                )
                 if _STEP_SLEEP_S:
                     time.sleep(_STEP_SLEEP_S)
                 if run.agreed_stop(flag):
