@@ -24,7 +24,7 @@ __all__ = ["Schedules", "cosine"]
 def cosine(start: float, end: float, t: float) -> float:
     """Half-cosine from ``start`` (t = 0) to ``end`` (t = 1)."""
     t = min(max(t, 0.0), 1.0)
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return start + (end - start) * 0.5 * (1.0 - math.cos(math.pi * t))  # exactly start at 0
 
 
 @dataclass(frozen=True)
