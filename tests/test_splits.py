@@ -219,9 +219,7 @@ def test_site_preserving_survival_folds_need_an_event_in_every_test_fold():
     cases, labels, sites = _kidney_like({"e": [3, 3], "c": [5] * 6})
     events = ["event" if lab == "e" else "censored" for lab in labels]
     with pytest.raises(SplitError, match=r"event: 6 case\(s\) at 2 site\(s\) \(e0, e1\)"):
-        make_splits(
-            cases, labels, folds=3, sites=sites, cover=events, cover_values=["event"]
-        )
+        make_splits(cases, labels, folds=3, sites=sites, cover=events, cover_values=["event"])
 
 
 def test_repeated_test_cases_of_monte_carlo_splits():
