@@ -173,8 +173,8 @@ def test_a_split_file_that_tests_a_case_twice_is_reported_and_not_pooled(
 
 
 def test_select_on_last_tests_the_last_epoch_and_says_so(sub, tmp_path):
-    cfg = _cfg(sub, tmp_path / "runs", train={"epochs": 4, "patience": 1, "lr": 5e-2})
-    cfg["train"]["select_on"] = "last"
+    over = {"epochs": 4, "patience": 1, "lr": 5e-2, "select_on": "last"}
+    cfg = _cfg(sub, tmp_path / "runs", train=over)
     assert run(cfg, fold=0) == 0
     fold = tmp_path / "runs" / "rep" / "fold_0"
     m = json.loads((fold / "metrics.json").read_text())
@@ -206,7 +206,9 @@ def test_nan_features_fail_one_case_which_is_listed(sub, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["../escaped", "/abs", ".hidden"])
 def test_a_cohort_name_that_escapes_out_is_refused(sub, tmp_path, capsys, name):
-    cfg = _cfg(sub, tmp_path / "runs", cohort=name)
+    with pytest.raises(ValueError, match="must not contain"):
+        _cfg(sub, tmp_path / "runs", cohort=name)
+    cfg = dict(_cfg(sub, tmp_path / "runs"), cohort=name)  # run() checks a dict config too
     assert run(cfg) == 2
     assert f"cohort {name!r}" in capsys.readouterr().err
     assert not any(tmp_path.rglob("splits.csv"))
