@@ -176,7 +176,7 @@ def _kidney_like(sizes_per_class: dict[str, list[int]]):
     for label, sizes in sizes_per_class.items():
         for s, size in enumerate(sizes):
             site = f"{label}{s}"
-            for i in range(size):
+            for _ in range(size):
                 cases.append(f"TCGA-{site}-{len(cases):04d}")
                 labels.append(label)
                 sites.append(site)

@@ -292,7 +292,9 @@ def test_region_features_as_a_group_names_the_file(sub, tmp_path):
         f.create_group("region_features")
     msg = _error(sub.csv_path, feats, task="subtype")
     path = feats / f"{sid}.h5"
-    assert f"row 2: slide_id='{sid}': {path}: region_features is an HDF5 group, not a dataset" in msg
+    assert (
+        f"row 2: slide_id='{sid}': {path}: region_features is an HDF5 group, not a dataset" in msg
+    )
 
 
 @pytest.mark.parametrize("bad", ["../outside", ".hidden", "a/b"])

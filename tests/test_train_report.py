@@ -155,9 +155,7 @@ def test_pooled_survival_statistics_match_lifelines(surv, tmp_path):
     assert "over 3 of 3 folds" in cells["c_index"]
 
 
-def test_a_split_file_that_tests_a_case_twice_is_reported_and_not_pooled(
-    sub, tmp_path, capsys
-):
+def test_a_split_file_that_tests_a_case_twice_is_reported_and_not_pooled(sub, tmp_path, capsys):
     cohort = load_cohort(sub.csv_path, sub.features_dir, task="subtype")
     ids = cohort.case_ids
     tested = {c: [i % 2] for i, c in enumerate(ids)}

@@ -51,12 +51,10 @@ def test_recovers_known_hazards(tmp_path):
     m = FoldRunner(
         cfg, cohort, BagStore(cohort, "region_features"), cases, 0, tmp_path / "f0"
     ).run()
-    test = [cohort.case(c) for c in cases["test"]]
-    oracle = concordance_index(
-        [c.time for c in test], [-syn.log_hazard[c.case_id] for c in test], [c.event for c in test]
-    )
+    oracle = syn.oracle_c_index(cases["test"])  # the true log-hazard on the same cases
     assert oracle > 0.75  # the data carry the signal
     assert m["test"]["c_index"] >= 0.75, (m["test"]["c_index"], oracle)
+    assert m["test"]["c_index"] >= oracle - 0.1, (m["test"]["c_index"], oracle)
     assert m["test"]["cox_per_sd"]["hr"] > 1.5  # higher predicted risk → higher observed hazard
     assert m["test"]["logrank_p"] < 0.05
 

@@ -324,11 +324,12 @@ def main(args: argparse.Namespace) -> int:
     if args.report_only:
         from train.report import summarize
 
-        run_dir = Path(cfg["out"]) / str(cfg["cohort"])
+        run_dir = Path(cfg["out"]) / check_name(str(cfg["cohort"]), "cohort")
         summary = summarize(run_dir, cfg)
         if summary.empty:
             print(f"hipt train: no finished fold under {run_dir}", file=sys.stderr)
             return 1
-        print(f"{len(summary)} fold(s) finished; report: {run_dir / 'report.md'}")
+        n_done = int((summary["status"] == "complete").sum())
+        print(f"{n_done} of {len(summary)} fold(s) finished; report: {run_dir / 'report.md'}")
         return 0
     return run(cfg, args.fold)
