@@ -83,7 +83,7 @@ def test_a_single_class_fold_stays_in_the_summary_as_nan_and_is_flagged(sub, tmp
     report = (run_dir / "report.md").read_text()
     head = report.split("| fold |")[0]
     assert "auc is undefined (NaN) in 1 of 2 folds [1]" in head
-    assert f"{summary.loc[0, 'auc']:.3f} ± 0.000 over 1 of 2 folds" in report
+    assert f"{summary.loc[0, 'auc']:.3f} (no sd) over 1 of 2 folds" in report
     fold1 = next(line for line in report.splitlines() if line.startswith("| 1 | complete"))
     assert "| nan |" in fold1
     # Pooled over both folds' test predictions, as scikit-learn computes them.
@@ -223,3 +223,39 @@ def test_cli_non_utf8_cohort_is_one_line_without_traceback(sub, tmp_path):
         f"hipt train: {csv}: not UTF-8 text (byte 0xe9 on line 2); save the table as UTF-8"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_site_preserving_run_where_sites_go_with_labels(sub, tmp_path, capsys):
+    """Each class comes from its own two sites: three site-preserving folds cannot all test both
+    classes (refused before any output, classes and sites named); two folds can."""
+    rows = ["slide_id,case_id,label,site"]
+    for i, r in enumerate(sub.table):
+        rows.append(f"{r['slide_id']},{r['case_id']},{r['label']},{r['label']}{i % 2}")
+    csv = tmp_path / "sited.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    cfg = _cfg(sub, tmp_path / "runs", csv=str(csv), splits={"folds": 3, "site_preserving": True})
+    assert run(cfg) == 2
+    err = capsys.readouterr().err
+    assert "A: 8 case(s) at 2 site(s) (A0, A1), fewer sites than the 3 folds" in err
+    assert "B: 8 case(s) at 2 site(s) (B0, B1)" in err
+    assert not (tmp_path / "runs").exists()
+    cfg = _cfg(sub, tmp_path / "runs", csv=str(csv), splits={"folds": 2, "site_preserving": True})
+    assert run(cfg) == 0
+    run_dir = tmp_path / "runs" / "rep"
+    balance = pd.read_csv(run_dir / "split_balance.csv")
+    assert balance["n_test"].sum() == 16 and (balance[["n_A", "n_B"]] > 0).all().all()
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert summary["auc"].notna().all()
+    assert "Test-fold mix against the cohort's" in (run_dir / "report.md").read_text()
+
+
+def test_hazard_ratio_of_a_group_without_events_is_undefined_not_huge():
+    from train.metrics import cox_hazard_ratio
+
+    times = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    events = np.array([1, 1, 1, 0, 0, 0])
+    high = np.array([1, 1, 1, 0, 0, 0])  # every event in the high group: separation
+    assert all(np.isnan(v) for v in cox_hazard_ratio(times, events, high).values())
+    mixed = np.array([1, 1, 0, 0, 1, 0])
+    hr = cox_hazard_ratio(times, events, mixed)
+    assert np.isfinite(hr["hr"]) and hr["hr_lower95"] < hr["hr"] < hr["hr_upper95"]

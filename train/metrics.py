@@ -96,7 +96,11 @@ def concordance(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> floa
 
 
 def cox_hazard_ratio(times: np.ndarray, events: np.ndarray, x: np.ndarray) -> dict[str, float]:
-    """Hazard ratio (95% CI, p) of a one-covariate Cox model; NaNs when it cannot be fitted."""
+    """Hazard ratio (95% CI, p) of a one-covariate Cox model; NaNs when it cannot be fitted.
+
+    For a group indicator (0/1), a group without events makes the likelihood grow without
+    bound (separation): the ratio is then undefined, NaN, not a huge number.
+    """
     import pandas as pd
     from lifelines import CoxPHFitter
 
@@ -106,7 +110,12 @@ def cox_hazard_ratio(times: np.ndarray, events: np.ndarray, x: np.ndarray) -> di
         "hr_upper95": float("nan"),
         "p": float("nan"),
     }
-    if np.std(x) == 0 or not np.asarray(events).any():
+    x, events = np.asarray(x, dtype=float), np.asarray(events).astype(bool)
+    if np.std(x) == 0 or not events.any():
+        return nan
+    if set(np.unique(x).tolist()) <= {0.0, 1.0} and not (
+        events[x == 1].any() and events[x == 0].any()
+    ):
         return nan
     df = pd.DataFrame({"t": times, "e": events, "x": x})
     try:
@@ -116,12 +125,13 @@ def cox_hazard_ratio(times: np.ndarray, events: np.ndarray, x: np.ndarray) -> di
     except Exception:  # lifelines raises several types on separation / no convergence
         return nan
     s = cph.summary.loc["x"]
-    return {
+    out = {
         "hr": float(s["exp(coef)"]),
         "hr_lower95": float(s["exp(coef) lower 95%"]),
         "hr_upper95": float(s["exp(coef) upper 95%"]),
         "p": float(s["p"]),
     }
+    return out if all(np.isfinite(v) for v in out.values()) else nan
 
 
 def risk_groups(risk: np.ndarray, threshold: float | None = None) -> np.ndarray:

@@ -93,11 +93,15 @@ def collect(run_dir: str | os.PathLike, folds: list[int] | None = None) -> pd.Da
             done[int(m["fold"])] = _row(m)
     folds = sorted(set(done) | set(_split_folds(run_dir) if folds is None else folds))
     rows = [done.get(k, {"fold": k, "status": "not finished"}) for k in folds]
-    return pd.DataFrame(rows) if rows else pd.DataFrame()
+    df = pd.DataFrame(rows)
+    for col in ("best_epoch", "epochs_run", "n_test", "n_events"):
+        if col in df:  # counts stay integers beside the empty cells of unfinished folds
+            df[col] = df[col].astype("Int64")
+    return df
 
 
 def _fmt(x: Any) -> str:
-    if x is None or (isinstance(x, float | np.floating) and not np.isfinite(x)):
+    if x is None or x is pd.NA or (isinstance(x, float | np.floating) and not np.isfinite(x)):
         return "nan"
     if isinstance(x, float | np.floating):
         return f"{x:.3f}"
@@ -105,12 +109,20 @@ def _fmt(x: Any) -> str:
 
 
 def mean_sd(x: np.ndarray, n_folds: int) -> str:
-    """``mean ± sd over n of k folds`` of the finite values (sd with ddof 1)."""
+    """``mean ± sd over n of k folds`` of the finite values (sd with ddof 1).
+
+    Examples
+    --------
+    >>> mean_sd(np.array([0.5, 0.7, np.nan]), 3)
+    '0.600 ± 0.141 over 2 of 3 folds'
+    """
     x = np.asarray(x, dtype=float)
     x = x[np.isfinite(x)]
     if not len(x):
         return f"nan (0 of {n_folds} folds)"
-    sd = float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+    if len(x) == 1:  # one fold has no spread to speak of: no "± 0.000"
+        return f"{float(x[0]):.3f} (no sd) over 1 of {n_folds} folds"
+    sd = float(np.std(x, ddof=1))
     return f"{float(np.mean(x)):.3f} ± {sd:.3f} over {len(x)} of {n_folds} folds"
 
 
@@ -194,7 +206,11 @@ def _fold_table(df: pd.DataFrame, cfg: dict[str, Any]) -> list[str]:
     head = ["fold", "status", "best_epoch", "n_test", *metric_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in df.to_dict("records"):  # records keep int columns as ints
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in head) + " |")
+        if r["status"] != "complete":
+            cells = [str(r["fold"]), r["status"]] + ["—"] * (len(head) - 2)
+        else:
+            cells = [_fmt(r.get(c)) for c in head]
+        lines.append("| " + " | ".join(cells) + " |")
     means = [
         mean_sd(df[c].to_numpy(dtype=float), len(df))
         if c in MEANS[cfg["task"]] or c.startswith("f1_")
@@ -229,6 +245,14 @@ def _pooled_section(
         for name, row in zip(names, pooled["confusion_matrix"], strict=True):
             lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
         lines += ["", "![pooled ROC](roc_pooled.png)"]
+    elif "high_risk" not in preds:  # predictions written before risk groups were recorded
+        return [
+            "",
+            head,
+            "",
+            "Not computed: the folds' predictions.csv have no high_risk "
+            "column (written by an older hipt); rerun the folds.",
+        ], None
     else:
         pooled = pooled_survival(preds, run_dir)
         lines = [
@@ -279,9 +303,9 @@ def summarize(run_dir: str | os.PathLike, cfg: dict[str, Any]) -> pd.DataFrame:
     finished = df.loc[df["status"] == "complete", "fold"].tolist()
     select_on = cfg["train"]["select_on"]
     lines = [f"# {cfg['cohort']}: {cfg['task']} with {cfg['model']['name']}", ""]
-    lines += _warnings(df, cfg, repeated)
+    flags = _warnings(df, cfg, repeated)
+    lines += [*flags, ""] if flags else []
     lines += [
-        "",
         f"{len(finished)} of {len(df)} folds finished. Protocol: `train.select_on: {select_on}`, "
         f"{PROTOCOLS.get(select_on, select_on)}. Splits by case: `splits.csv`; resolved "
         "config: `config.yaml`.",
