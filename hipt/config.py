@@ -217,9 +217,17 @@ def _resolve_relative(data: dict[str, Any], keys: Sequence[str], folder: Path) -
         node: Any = data
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
-            if not os.path.isabs(node[leaf]):
-                node[leaf] = str((folder / node[leaf]).resolve())
+        if not isinstance(node, dict):
+            continue
+        value = node.get(leaf)
+        if isinstance(value, str) and value:
+            node[leaf] = _absolute(value, folder)
+        elif isinstance(value, list):  # a list of paths
+            node[leaf] = [_absolute(v, folder) if isinstance(v, str) and v else v for v in value]
+
+
+def _absolute(path: str, folder: Path) -> str:
+    return path if os.path.isabs(path) else str((folder / path).resolve())
 
 
 def _path_fields(schema: type[BaseModel], prefix: str = "") -> list[str]:
@@ -241,7 +249,7 @@ def _mentions_relpath(annotation: Any) -> bool:
         return True
     if typing.get_origin(annotation) is Annotated:
         return any(isinstance(m, _RelativeToConfigFile) for m in typing.get_args(annotation)[1:])
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
         return any(_mentions_relpath(a) for a in typing.get_args(annotation))
     return False
 
