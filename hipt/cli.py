@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "print the schema, shapes and provenance of a tiles or features file",
     ),
     "demo": ("hipt.demo", "run the pipeline on a small generated cohort"),
+    "slurm": ("hipt.slurm", "submit the stages as chained Slurm jobs, or report their progress"),
 }
 
 

@@ -18,17 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-try:  # the shared mechanism of hipt train / pretrain / heatmap
-    from hipt.config import ConfigError, ConfigModel, RelPath, config_dict, load_config, save_config
-except ImportError:  # pragma: no cover - until hipt/config.py is merged
-    from train.dino._config_base import (
-        ConfigError,
-        ConfigModel,
-        RelPath,
-        config_dict,
-        load_config,
-        save_config,
-    )
+from hipt.config import ConfigError, ConfigModel, RelPath, config_dict, load_config, save_config
 
 __all__ = [
     "ConfigError",
