@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from hipt.embed import embed_tiles
-from hipt.embed_data import RegionDataset, SlideJob, make_region_loader
+from hipt.embed.data import RegionDataset, SlideJob, make_region_loader
 from hipt.geometry import REGION_PX
 from hipt.h5schema import write_tiles
 from hipt.models.region_encoder import RegionEncoder, build_region_encoder

@@ -68,7 +68,8 @@ def test_tiles_file(tmp_path: Path) -> None:
     assert coords.attrs == {
         "patch_level": 1,
         "patch_size": 4096,
-    }  # read-level pixels, as CLAM reads it
+        "name": "s1",
+    }  # read-level pixels, as CLAM reads it; name for CLAM's stitching
     text = format_report(r)
     assert "mpp_source" in text and "openslide.mpp-x" in text and "valid:    yes" in text
 
@@ -86,7 +87,7 @@ def test_features_file_via_cli(tmp_path: Path) -> None:
 
 def test_region_only_features_are_valid(tmp_path: Path) -> None:
     r = inspect_file(_features(tmp_path / "s1.h5", patch=False))
-    assert r.valid and {d.name for d in r.datasets} == {"coords", "region_features"}
+    assert r.valid and {d.name for d in r.datasets} == {"coords", "features", "region_features"}
 
 
 def test_json_output(tmp_path: Path) -> None:
