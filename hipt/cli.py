@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "hipt.inspect",
         "print the schema, shapes and provenance of a tiles or features file",
     ),
+    "export": ("hipt.export", "write tiles and features in another tool's layout (trident)"),
     "demo": ("hipt.demo", "run the pipeline on a small generated cohort"),
 }
 
