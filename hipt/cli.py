@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Stage modules are imported only when their command runs.
@@ -74,7 +75,12 @@ def _run(name: str, module: object, args: argparse.Namespace) -> int:
         if message is None:
             raise
         print(f"hipt {name}: {message}", file=sys.stderr)
-        return 1
+        # Leave at once: libraries that met the full disk mid-write (HDF5) may crash while their
+        # objects are freed at interpreter exit, turning exit 1 into a segfault. Every temporary
+        # file was removed on the way up; nothing else is left to clean.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

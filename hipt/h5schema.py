@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import h5py
 import numpy as np
 
 from hipt.atomic import atomic_path
+from hipt.faults import DiskFull
 
 TILES_SCHEMA = "hipt.tiles/1"
 FEATURES_SCHEMA = "hipt.features/1"
@@ -415,11 +417,27 @@ class FeaturesWriter:
         self._file: h5py.File | None = None
         self._written = np.zeros(len(self.coords), dtype=bool)
 
+    def bytes_needed(self) -> int:
+        """About how large the finished file will be (data plus HDF5's bookkeeping)."""
+        m = len(self.coords)
+        patch = 256 * self.patch_dim * 2 if self.patch_features else 0
+        return m * (patch + 4 * self.region_dim + 16) + (64 << 10)
+
     def open(self) -> FeaturesWriter:
-        """Create the temporary file beside the final name; on failure nothing is left."""
+        """Create the temporary file beside the final name; on failure nothing is left.
+
+        Raises
+        ------
+        DiskFull
+            When the file system has less room than the finished file needs: refused before
+            HDF5 writes anything, because the library does not recover from a full disk
+            mid-write (its objects can then crash the interpreter as they are freed).
+        """
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.urandom(4).hex()}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if shutil.disk_usage(self.path.parent).free < self.bytes_needed():
+                raise DiskFull(str(self.path))
             self._file = h5py.File(self.tmp, "w")
             self._create_datasets(self._file)
         except BaseException:

@@ -137,10 +137,13 @@ class FeaturesFiles:
                 if state.writer.n_written == self.jobs[k].job.n_regions:
                     self._commit(k)
             except Exception as exc:  # this slide fails, the others go on
-                full = disk_full_message(exc)
-                self._fail(k, full or f"{target}: writing failed: {' '.join(str(exc).split())}")
-                if full:
-                    raise DiskFull(str(target)) from exc
+                if disk_full_message(exc) is None:
+                    self._fail(k, f"{target}: writing failed: {' '.join(str(exc).split())}")
+                    continue
+                # Every later write would fail too: stop the run. The record may not fit either.
+                with contextlib.suppress(Exception):
+                    self._fail(k, f"no space left on device: {target}")
+                raise DiskFull(str(target)) from exc
 
     def _create(self, k: int, reader: str) -> _Open:
         ej = self.jobs[k]
