@@ -201,42 +201,71 @@ class FeaturesFiles:
 
 
 class _Batch:
-    """Regions waiting for the encoder; :meth:`flush` encodes them and hands them to the writer."""
+    """Regions waiting for the encoder; :meth:`flush` encodes them and hands them to the writer.
+
+    On the CPU, a batch whose regions sit in consecutive ring slots is encoded straight from the
+    ring (a view, no copy); otherwise its regions are copied into one reused batch buffer. A
+    fresh ``torch.stack`` per batch cost 0.12 s per region on a 2-core machine, most of it page
+    faults of the new 192 MiB. On CUDA each region is copied to the device as it arrives (from
+    the pinned ring, asynchronously), so the copies overlap the wait for the next region.
+    """
 
     def __init__(self, encoder: torch.nn.Module, device: torch.device, ring: RegionRing | None,
                  files: FeaturesFiles, size: int, patch_features: bool) -> None:  # fmt: skip
         self.encoder, self.device, self.ring, self.files = encoder, device, ring, files
         self.size, self.patch_features = size, patch_features
+        self.cuda = device.type == "cuda"
         self.slides: list[int] = []
         self.rows: list[int] = []
+        self.slots: list[int] = []
         self.pixels: list[torch.Tensor] = []
         self.readers: list[str] = []
+        self._buffer: torch.Tensor | None = None
 
     def add(self, item: dict) -> None:
         slot = int(item.get("slot", -1))
         pixels = self.ring[slot] if slot >= 0 and self.ring is not None else item["pixels"]
-        if self.device.type == "cuda":
+        if self.cuda:
             pixels = pixels.to(self.device, non_blocking=True)  # from the pinned ring slot
         self.slides.append(int(item["job"]))
         self.rows.append(int(item["row"]))
+        self.slots.append(slot)
         self.pixels.append(pixels)
         self.readers.append(str(item["reader"]))
         if len(self.slides) >= self.size:
             self.flush()
 
+    def _regions(self, keep: list[int]) -> torch.Tensor:
+        """``[B, H, W, 3]`` uint8 of the kept rows, with as few copies as possible."""
+        if self.cuda:
+            return torch.stack([self.pixels[i] for i in keep])
+        slots = [self.slots[i] for i in keep]
+        if (
+            self.ring is not None
+            and slots[0] >= 0
+            and slots == list(range(slots[0], slots[0] + len(slots)))
+        ):
+            return self.ring.buffers[slots[0] : slots[0] + len(slots)]
+        first = self.pixels[keep[0]]
+        if self._buffer is None or self._buffer.shape[1:] != first.shape:
+            self._buffer = torch.empty((self.size, *first.shape), dtype=torch.uint8)
+        out = self._buffer[: len(keep)]
+        for j, i in enumerate(keep):
+            out[j].copy_(self.pixels[i])
+        return out
+
     def flush(self) -> None:
         keep = [i for i, k in enumerate(self.slides) if k not in self.files.failed]
         if keep:
-            # [B, H, W, 3]; the stack copies out of the ring, which frees the slots. The
-            # channels-first view costs no copy (the encoder's patch reordering copies anyway).
-            regions = torch.stack([self.pixels[i] for i in keep]).permute(0, 3, 1, 2)
+            # The channels-first view costs no copy (the encoder's patch reordering copies once).
+            regions = self._regions(keep).permute(0, 3, 1, 2)
             with torch.inference_mode():
                 patch, region = self.encoder(regions)
             region_np = region.float().cpu().numpy()
             patch_np = patch.to(torch.float16).cpu().numpy() if self.patch_features else None
             self.files.write([self.slides[i] for i in keep], [self.rows[i] for i in keep],
                              patch_np, region_np, [self.readers[i] for i in keep])  # fmt: skip
-        self.slides, self.rows, self.pixels, self.readers = [], [], [], []
+        self.slides, self.rows, self.slots, self.pixels, self.readers = [], [], [], [], []
 
 
 def _stop_workers(items: Any) -> None:
@@ -262,6 +291,9 @@ def stream_regions(
         return
     workers = min(settings.workers, n_regions)
     slots = RegionRing.slots_needed(workers, settings.prefetch, settings.batch_regions)
+    # A multiple of the batch size: batches of consecutive regions then never wrap around the
+    # ring's end, so the encoder reads them in place.
+    slots = -(-slots // settings.batch_regions) * settings.batch_regions
     side = max(j.job.region_px for j in jobs)
     with contextlib.ExitStack() as stack:
         ring = stack.enter_context(RegionRing(slots, side, pin=device.type == "cuda"))
