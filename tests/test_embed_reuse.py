@@ -145,3 +145,21 @@ def test_unreadable_lock_is_taken_over(tmp_path: Path, bad: str) -> None:
     path = tmp_path / ".s1.lock"
     path.write_text(bad)
     assert ItemLock(path).acquire()
+
+
+def test_a_bit_flip_in_reused_features_is_noticed(tmp_path: Path) -> None:
+    import h5py
+
+    tiles = _tiles()
+    expected = features_attrs(tiles, PROV)
+    path = _features(tmp_path / "s1.h5", expected)
+    assert check_features(path, expected, patch_features=False, tiles=tiles) is None
+    with h5py.File(path) as f:
+        info = f["region_features"].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 100)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0x04]))
+    why = check_features(path, expected, patch_features=False, tiles=tiles)
+    assert why is not None and "region_features rows 0-1 are damaged" in why

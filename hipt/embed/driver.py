@@ -299,6 +299,7 @@ def embed_tiles(
     >>> summary.n_failed, summary.csv_path  # doctest: +SKIP
     (0, PosixPath('out/embedding.csv'))
     """
+    # Long only by its parameter docs: the body is the run's outline, each step a function.
     t_run = time.perf_counter()
     out = Path(out)
     check_out_dir(out)
