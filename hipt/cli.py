@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "export": ("hipt.export", "write tiles and features in another tool's layout (trident)"),
     "demo": ("hipt.demo", "run the pipeline on a small generated cohort"),
+    "slurm": ("hipt.slurm", "submit the stages as chained Slurm jobs, or report their progress"),
 }
 
 

@@ -33,6 +33,8 @@ def _cfg(csv, features_dir, out, **over):
         "splits": {"folds": 5},
         "train": {"epochs": 10, "lr": 3e-4, "patience": 0, "progress": False},
     }
+    if "model" in over:  # another model takes its own kwargs, not abmil's
+        base["model"] = over.pop("model")
     return validate(merge(merge(default_config(), base), over))
 
 
@@ -106,7 +108,7 @@ def test_nll_model_matches_cox_on_rossi(tmp_path):
         tmp_path / "cohort.csv",
         tmp_path / "features",
         tmp_path / "runs",
-        model={"kwargs": {"hidden_dim": 0, "dropout": 0.0}},
+        model={"name": "abmil", "kwargs": {"hidden_dim": 0, "dropout": 0.0}},
         train={"epochs": 8, "lr": 0.03, "accumulate": 8, "weight_decay": 0.0},
     )
     cohort = load_cohort(cfg["csv"], cfg["features_dir"], task="survival")

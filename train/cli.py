@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from hipt.atomic import write_text_atomic
-from train.config import apply_dotlist, default_config, load_yaml, merge, to_yaml, validate
+from train.config import resolve, to_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the YAML file, then the named flags, then ``--set`` overrides; validated."""
-    cfg = default_config()
-    if args.config:
-        cfg = merge(cfg, load_yaml(args.config))
     named: dict[str, Any] = {}
     if args.out is not None:
         named["out"] = args.out
@@ -74,9 +71,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         named["train"] = {"epochs": args.epochs}
     if args.no_progress:
         named.setdefault("train", {})["progress"] = False
-    cfg = merge(cfg, named)
-    cfg = apply_dotlist(cfg, args.overrides)
-    return validate(cfg)
+    return resolve(args.config, args.overrides, named)
 
 
 # Settings that do not change a fold's result: a run may go on with other values of these.

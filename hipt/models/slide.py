@@ -212,10 +212,13 @@ def hipt_gp(
     task: str = "classification",
     n_bins: int = 4,
     dropout: float = 0.25,
-    **kwargs: Any,
+    n_layers: int = 2,
+    n_heads: int = 3,
 ) -> HIPTGlobal:
     """HIPT global aggregator on [M, 192] region features."""
-    return HIPTGlobal(_n_out(n_classes, task, n_bins), dropout=dropout, **kwargs)
+    return HIPTGlobal(
+        _n_out(n_classes, task, n_bins), dropout=dropout, n_layers=n_layers, n_heads=n_heads
+    )
 
 
 @register_model(ModelInfo("abmil", kind="slide", extra={"input": "region_features", "in_dim": 192}))
