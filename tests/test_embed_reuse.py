@@ -163,3 +163,13 @@ def test_a_bit_flip_in_reused_features_is_noticed(tmp_path: Path) -> None:
         fh.write(bytes([byte[0] ^ 0x04]))
     why = check_features(path, expected, patch_features=False, tiles=tiles)
     assert why is not None and "region_features rows 0-1 are damaged" in why
+
+
+def test_a_slide_id_that_would_make_an_unsafe_path_fails_that_slide(tmp_path: Path) -> None:
+    from hipt.embed.plan import PlanSettings, plan_slide
+    from hipt.h5schema import write_tiles
+
+    path = write_tiles(tmp_path / "a..b.h5", COORDS, np.ones(2), dict(ATTRS, slide_id="a..b"))
+    decision = plan_slide(path, PlanSettings(tmp_path / "features", PROV))
+    assert decision.status == "failed" and "slide id 'a..b'" in decision.error
+    assert str(path) in decision.error

@@ -22,6 +22,7 @@ from hipt.embed.records import SlideResult
 from hipt.embed.reuse import check_features, features_attrs, tiles_sha256
 from hipt.geometry import REGION_PX
 from hipt.h5schema import SchemaError, Tiles, read_tiles
+from hipt.names import check_name
 from hipt.runlock import ItemLock
 
 __all__ = [
@@ -195,8 +196,9 @@ def plan_slide(tiles_path: Path, s: PlanSettings) -> SlideResult | EmbedJob:
     """Decide what to do with one tiles file (see the module docstring); never raises for bad input."""
     slide_id = tiles_path.stem
     try:
+        check_name(slide_id, f"{tiles_path}: slide id")
         tiling = _read_checked_tiles(tiles_path)
-    except SchemaError as exc:
+    except ValueError as exc:  # SchemaError, or an id that would make an unsafe path
         return _fail(slide_id, str(exc))
     target = s.features_dir / f"{slide_id}.h5"
     slide_path, looked = resolve_slide_path(tiling, s.slide_dir)

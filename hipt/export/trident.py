@@ -33,6 +33,7 @@ import numpy as np
 
 from hipt.atomic import atomic_path
 from hipt.h5schema import SchemaError, Tiles, read_features, read_features_info, read_tiles
+from hipt.names import check_name
 
 __all__ = ["ENCODER_NAME", "ExportResult", "trident_coords_attrs", "export_slide", "export_trident"]
 
@@ -83,7 +84,8 @@ def export_slide(tiles_path: Path, features_dir: Path | None, out: Path) -> Expo
     """Write TRIDENT's coordinate file (and features file, when hipt's exists) for one slide."""
     try:
         tiles = read_tiles(tiles_path)
-    except SchemaError as exc:
+        check_name(tiles.slide_id, f"{tiles_path}: slide id")
+    except ValueError as exc:  # SchemaError, or an id that would make an unsafe path
         return ExportResult(tiles_path.stem, error=str(exc))
     result = ExportResult(tiles.slide_id)
     attrs = trident_coords_attrs(tiles, out)
