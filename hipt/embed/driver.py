@@ -158,17 +158,24 @@ class _Run:
 
 def _plan(run: _Run, settings: PlanSettings) -> list[EmbedJob]:
     todo: list[EmbedJob] = []
-    for tiles_path in run.paths:
-        decision = plan_slide(tiles_path, settings)
-        if isinstance(decision, EmbedJob):
-            todo.append(decision)
-            continue
-        run.record.add(decision, write=False)
-        if decision.status == "failed":
-            run.say(f"{decision.slide_id}: FAILED: {decision.error}")
-        elif decision.status == "locked":
-            run.say(f"{decision.slide_id}: left alone, {decision.error}")
-    run.record.flush()
+    try:
+        for tiles_path in run.paths:
+            decision = plan_slide(tiles_path, settings)
+            if isinstance(decision, EmbedJob):
+                todo.append(decision)
+                continue
+            run.record.add(decision, write=False)
+            if decision.status == "failed":
+                run.say(f"{decision.slide_id}: FAILED: {decision.error}")
+            elif decision.status == "locked":
+                run.say(f"{decision.slide_id}: left alone, {decision.error}")
+    except BaseException:  # SIGTERM or Ctrl-C while planning: give back the locks taken so far
+        for job in todo:
+            if job.lock is not None:
+                job.lock.release()
+        raise
+    finally:
+        run.record.flush()
     return todo
 
 
