@@ -16,12 +16,14 @@ import numpy as np
 from PIL import Image
 
 from hipt.readers import SlideReadError, open_reader
-from hipt.readers.base import check_out
+from hipt.readers.base import WHITE, check_out
 
 # A level-0 µm/px outside this range is metadata nonsense (72 dpi gives 352 µm/px).
 PLAUSIBLE_MPP = (0.02, 50.0)
 # µm/px and objective power may disagree by this factor before we call the metadata suspicious.
 SUSPICIOUS_RATIO = 1.5
+# Level-0 bytes read at once when a region is reduced strip by strip (see Slide.read_region).
+STRIP_BYTES = 8 << 20
 # A single-level slide larger than this (longest side, px) is read slowly: warn.
 NO_PYRAMID_WARN_PX = 1024
 
@@ -244,13 +246,13 @@ class Slide:
         height: int,
         *,
         out: np.ndarray | None = None,
+        fill: int = WHITE,
     ) -> np.ndarray:
-        """RGB uint8 ``[height, width, 3]`` of ``level`` with top-left at level-0 ``(x0, y0)``.
-
-        ``out``, if given, is a writable uint8 ``[height, width, 3]`` array filled and returned.
-        """
+        """See :meth:`hipt.readers.base.LevelReader.read_level` (this slide's reader does it)."""
         self._require_open()
-        return self._reader.read_level(level, int(x0), int(y0), int(width), int(height), out=out)
+        return self._reader.read_level(
+            level, int(x0), int(y0), int(width), int(height), out=out, fill=int(fill)
+        )
 
     def read_region(
         self,
@@ -260,12 +262,17 @@ class Slide:
         target_mpp: float = 0.5,
         *,
         out: np.ndarray | None = None,
+        fill: int = WHITE,
     ) -> np.ndarray:
         """Read the level-0 square at ``(x0, y0)`` as ``size_px`` × ``size_px`` at ``target_mpp``.
 
         The square's level-0 side is ``size_px * target_mpp / mpp_level0``. It is read from
         :meth:`best_level_for` and area-averaged down (``Image.reduce`` for integer factors,
-        a box filter otherwise). Outside the slide is white.
+        a box filter otherwise). Outside the slide is ``fill`` (255, white, by default).
+
+        A level-0 read reduced by an integer factor (a 40× scan read at 20×) goes strip by
+        strip into the output, so it never holds the full-resolution square (8192² px, 192 MiB
+        for a 0.25 µm/px scan): at most ``STRIP_BYTES`` above the output.
 
         Parameters
         ----------
@@ -273,6 +280,8 @@ class Slide:
             Optional writable uint8 ``[size_px, size_px, 3]`` array to fill and return, e.g. a
             view of shared memory that a DataLoader worker hands over without a copy. When no
             resampling is needed the reader decodes straight into it.
+        fill
+            Grey value of pixels outside the slide.
 
         Returns
         -------
@@ -285,21 +294,60 @@ class Slide:
         side_level = self.region_size_level0(size_px, target_mpp) / ds
         n = int(math.ceil(side_level - 1e-6))
         if n == size_px and abs(side_level - size_px) < 1e-6:
-            return self.read_level(level, x0, y0, n, n, out=out)
-        pixels = self.read_level(level, x0, y0, n, n)
-        img = Image.fromarray(pixels)
+            return self.read_level(level, x0, y0, n, n, out=out, fill=fill)
         factor = side_level / size_px
         k = round(factor)
-        if k >= 2 and abs(factor - k) < 1e-6 and n == k * size_px:
+        if out is None:
+            out = np.empty((size_px, size_px, 3), dtype=np.uint8)
+        integer = k >= 2 and abs(factor - k) < 1e-6 and n == k * size_px
+        if integer and level == 0:
+            return self._read_reduced_strips(x0, y0, size_px, k, out, fill)
+        img = Image.fromarray(self.read_level(level, x0, y0, n, n, fill=fill))
+        if integer:
             small = img.reduce(k)
         else:
             small = img.resize(
                 (size_px, size_px), Image.Resampling.BOX, box=(0, 0, side_level, side_level)
             )
-        if out is None:
-            return np.asarray(small)
         np.copyto(out, np.asarray(small))
         return out
+
+    def _read_reduced_strips(
+        self, x0: int, y0: int, size_px: int, k: int, out: np.ndarray, fill: int
+    ) -> np.ndarray:
+        """``out`` = the level-0 square at ``(x0, y0)`` of side ``k * size_px``, reduced by ``k``.
+
+        Level 0 only, so every strip starts on a whole pixel and the strips join seamlessly.
+        Strips end on the slide's tile rows, so no tile is decoded twice; the one to ``k - 1``
+        level rows left over at a strip's end (when ``y0`` is not a multiple of ``k``) are carried
+        to the next strip.
+        """
+        width = k * size_px
+        tile_h = self.tile_height(0)
+        rows = max(tile_h, (STRIP_BYTES // (3 * width)) // tile_h * tile_h)
+        buf = np.empty((rows + k, width, 3), dtype=np.uint8)  # reused: no page faults per strip
+        carry, done, y, end = 0, 0, y0, y0 + width
+        while y < end:
+            stop = min(end, (y // tile_h + 1) * tile_h + rows - tile_h)
+            self.read_level(0, x0, y, width, stop - y, out=buf[carry : carry + stop - y], fill=fill)
+            have = carry + stop - y
+            usable = have // k * k
+            if usable:
+                block = Image.fromarray(buf[:usable]).reduce(k)
+                out[done : done + usable // k] = np.asarray(block)
+                done += usable // k
+            carry = have - usable
+            buf[:carry] = buf[usable:have]
+            y = stop
+        return out
+
+    def tile_height(self, level: int) -> int:
+        """The height of ``level``'s tiles as the slide states it (1 when it does not)."""
+        try:
+            value = int(self.properties.get(f"openslide.level[{level}].tile-height", "1"))
+        except ValueError:
+            return 1
+        return max(1, value)
 
     def thumbnail(self, max_px: int = 2048) -> tuple[np.ndarray, float]:
         """A low-resolution RGB image of the whole slide and its level-0 downsample.
