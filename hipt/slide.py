@@ -28,6 +28,54 @@ STRIP_BYTES = 8 << 20
 NO_PYRAMID_WARN_PX = 1024
 
 
+try:  # the shared name rule; until it lands, the same rule here
+    from hipt.names import check_name
+except ImportError:  # pragma: no cover - replaced by hipt.names on merge
+
+    def check_name(value: str, what: str) -> str:
+        if not value or "/" in value or "\\" in value or ".." in value or value.startswith("."):
+            raise ValueError(
+                f"{what} {value!r}: a name that becomes a file or folder name must not contain "
+                "'/', '\\', '..' or start with '.'"
+            )
+        return value
+
+
+# Multi-part suffixes that are one format (OME-TIFF): ``x.ome.tiff`` is slide ``x``.
+MULTI_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf")
+
+
+def dicom_instances(folder: Path) -> list[Path]:
+    """The ``.dcm`` files of a DICOM whole-slide image folder (sorted; empty if none)."""
+    try:
+        return sorted(q for q in folder.iterdir() if q.suffix.lower() == ".dcm" and q.is_file())
+    except OSError:
+        return []
+
+
+def slide_id_for(path: str | os.PathLike) -> str:
+    """The slide id a slide path gets: its name without the format suffix.
+
+    ``x.svs`` → ``x``; ``x.ome.tiff`` → ``x``; a DICOM whole-slide image (a folder of ``.dcm``
+    instances, or one of its instances) → the folder's name.
+
+    Examples
+    --------
+    >>> slide_id_for("/data/case_1.ome.tiff"), slide_id_for("/data/case_2.svs")
+    ('case_1', 'case_2')
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".dcm":
+        return p.resolve().parent.name
+    if p.is_dir() and p.suffix.lower() != ".mrxs":
+        return p.name
+    lower = p.name.lower()
+    for multi in MULTI_SUFFIXES:
+        if lower.endswith(multi) and len(p.name) > len(multi):
+            return p.name[: -len(multi)]
+    return p.stem
+
+
 class MppError(SlideReadError):
     """The slide's µm/px is missing or suspicious; the message says how to fix it (``--mpp``)."""
 
@@ -42,6 +90,9 @@ def _float(props: dict[str, str], key: str) -> float | None:
     except (KeyError, ValueError, TypeError):
         return None
     return value if math.isfinite(value) and value > 0 else None
+
+
+_UM_PER_UNIT = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "3": 1e4, "2": 25400.0}
 
 
 def _plausible(mpp: float | None) -> bool:
@@ -69,14 +120,47 @@ def mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str | None
         return mpp, "openslide.mpp-x", power
     res = _float(props, "tiff.XResolution")
     unit = props.get("tiff.ResolutionUnit", "").strip().lower()
-    um_per_unit = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "3": 1e4, "2": 25400.0}
-    if res is not None and unit in um_per_unit:
-        mpp = um_per_unit[unit] / res
+    if res is not None and unit in _UM_PER_UNIT:
+        mpp = _UM_PER_UNIT[unit] / res
         if _plausible(mpp):
             return mpp, "tiff.XResolution", power
     if power is not None and 0.5 <= power <= 200:
         return 10.0 / power, "openslide.objective-power", power
     return None, None, power
+
+
+def mpp_problems(props: dict[str, str]) -> list[str]:
+    """The µm/px values in ``props`` that :func:`mpp_from_properties` had to skip, and why.
+
+    Examples
+    --------
+    >>> mpp_problems({"openslide.mpp-x": "352.7777"})
+    ['openslide.mpp-x = 352.778 µm/px is implausible (outside 0.02-50 µm/px)']
+    >>> mpp_problems({"openslide.mpp-x": "0"})
+    ['openslide.mpp-x = 0 is not a positive number']
+    """
+    out = []
+    raw = props.get("openslide.mpp-x")
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            out.append(f"openslide.mpp-x = {raw} is not a positive number")
+        elif not _plausible(value):
+            out.append(f"openslide.mpp-x = {value:g} µm/px {_IMPLAUSIBLE}")
+    res = _float(props, "tiff.XResolution")
+    unit = props.get("tiff.ResolutionUnit", "").strip().lower()
+    if res is not None and unit in _UM_PER_UNIT:
+        mpp = _UM_PER_UNIT[unit] / res
+        tag = f"tiff.XResolution = {res:g} per {unit} ({mpp:g} µm/px)"
+        if not _plausible(mpp) and not any(f"{mpp:g} µm/px" in o for o in out):
+            out.append(f"{tag} {_IMPLAUSIBLE}")
+    return out
+
+
+_IMPLAUSIBLE = f"is implausible (outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm/px)"
 
 
 class Slide:
@@ -119,7 +203,7 @@ class Slide:
         reader: str = "auto",
     ) -> None:
         self.path = Path(path)
-        self.slide_id = self.path.stem
+        self.slide_id = slide_id_for(self.path)
         self._reader = open_reader(self.path, reader)
         try:
             self._init_geometry(mpp, trust_metadata)
@@ -144,12 +228,32 @@ class Slide:
                 raise MppError(f"{self.path}: --mpp must be a positive number, got {mpp!r}")
             self.mpp_level0, self.mpp_source = float(mpp), "user"
         elif found is None:
+            problems = mpp_problems(self.properties)
+            if problems:
+                raise MppError(
+                    f"{self.path}: no plausible µm/px in its metadata: {'; '.join(problems)}; "
+                    "pass --mpp with the scan's level-0 µm/px"
+                )
             raise MppError(
                 f"{self.path}: no µm/px in its metadata (no openslide.mpp-x, resolution tags or "
                 "objective power); pass --mpp with the scan's level-0 µm/px"
             )
         else:
             self.mpp_level0, self.mpp_source = float(found), str(source)
+            problems = mpp_problems(self.properties)
+            if source == "openslide.objective-power":
+                why = "; ".join(problems) if problems else "no µm/px or resolution tags"
+                warnings.warn(
+                    f"{self.path}: µm/px {found:g} guessed from the objective power {power:g}x "
+                    f"alone ({why}); pass --mpp if the scan's µm/px differs",
+                    stacklevel=3,
+                )
+            elif problems:
+                warnings.warn(
+                    f"{self.path}: ignored {'; '.join(problems)}; using {found:g} µm/px from "
+                    f"{source}",
+                    stacklevel=3,
+                )
             mpp_y = _float(self.properties, "openslide.mpp-y")
             if source == "openslide.mpp-x" and mpp_y and abs(mpp_y / found - 1) > 0.02:
                 warnings.warn(

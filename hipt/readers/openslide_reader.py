@@ -76,12 +76,17 @@ class OpenSlideReader:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideReadError(f"{self.path}: no such file")
+        target = self.path
         if self.path.is_dir() and self.path.suffix.lower() != ".mrxs":
-            raise SlideReadError(f"{self.path}: is a folder, not a slide")
+            # A DICOM whole-slide image is a folder of instances; OpenSlide opens it from any one.
+            instances = sorted(q for q in self.path.glob("*") if q.suffix.lower() == ".dcm")
+            if not instances:
+                raise SlideReadError(f"{self.path}: is a folder, not a slide")
+            target = instances[0]
         try:
-            self._slide = openslide.OpenSlide(str(self.path))
+            self._slide = openslide.OpenSlide(str(target))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideReadError(f"{self.path}: {_unsupported_reason(self.path)}") from None
+            raise SlideReadError(f"{self.path}: {_unsupported_reason(target)}") from None
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             raise SlideReadError(f"{self.path}: OpenSlide cannot open it ({exc})") from None
         try:
