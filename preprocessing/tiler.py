@@ -596,7 +596,7 @@ def _folder_slides(folder: Path) -> tuple[list[Path], list[TileResult]]:
         if problem is None:
             found.append(q)
         else:
-            skipped.append(TileResult(slide_id_for(q), str(q), "not_processed", error=problem))
+            skipped.append(TileResult(q.stem, str(q), "not_processed", error=problem))
     return found, skipped
 
 
