@@ -204,6 +204,7 @@ class Slide:
     ) -> None:
         self.path = Path(path)
         self.slide_id = slide_id_for(self.path)
+        self._reader_choice = reader
         self._reader = open_reader(self.path, reader)
         try:
             self._init_geometry(mpp, trust_metadata)
@@ -295,6 +296,11 @@ class Slide:
         if reader is not None:
             reader.close()
             self._reader = None
+
+    def reopen(self) -> None:
+        """Open the file again: OpenSlide refuses every read after its first decode error."""
+        self.close()
+        self._reader = open_reader(self.path, self._reader_choice)
 
     def __repr__(self) -> str:
         return (
@@ -483,7 +489,9 @@ class Slide:
             return self.read_level(level, 0, 0, w, h), ds
         out_w, out_h = -(-w // k), -(-h // k)
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-        rows_per_strip = max(1, 4096 // k)
+        # Strips of at most STRIP_BYTES of the level (one output row at least), so a slide whose
+        # level is huge (or claims to be) never needs a full-width band of thousands of rows.
+        rows_per_strip = max(1, STRIP_BYTES // (3 * out_w * k * k))
         for r0 in range(0, out_h, rows_per_strip):
             r1 = min(out_h, r0 + rows_per_strip)
             strip = self.read_level(level, 0, int(round(r0 * k * ds)), out_w * k, (r1 - r0) * k)

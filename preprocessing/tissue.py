@@ -8,6 +8,7 @@ strokes, near-black ink) and pure background are rejected.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -206,8 +207,24 @@ def segmentation_image(
     for i in range(slide.level_count):
         if max(slide.level_dimensions[i]) >= want_px:
             level = i
-    k = max(1, max(slide.level_dimensions[level]) // want_px)
-    return slide.read_level_reduced(level, k)
+    # A level that cannot be decoded (seen on converted DICOM) falls back to the next finer
+    # one, with a warning; only when no level reads does the slide fail.
+    for candidate in range(level, -1, -1):
+        k = max(1, max(slide.level_dimensions[candidate]) // want_px)
+        try:
+            image = slide.read_level_reduced(candidate, k)
+        except SlideReadError as exc:
+            if candidate == 0:
+                raise
+            warnings.warn(
+                f"{slide.path}: level {candidate} cannot be decoded ({' '.join(str(exc).split())}); "
+                f"segmenting on level {candidate - 1} instead",
+                stacklevel=2,
+            )
+            slide.reopen()
+            continue
+        return image
+    raise AssertionError("unreachable: level 0 either returns or raises")
 
 
 def segment_tissue(slide: Slide, params: SegmentationParams | None = None) -> TissueMask:

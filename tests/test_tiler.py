@@ -185,7 +185,6 @@ def test_bad_slides_fail_with_one_line(
     cases = {
         not_a_slide: "not a slide",
         truncated_tiff: "cannot read",
-        corrupt_lowres_slide.path: "",
         no_mpp_tiff.path: "--mpp",
         suspicious_svs.path: "suspicious",
         blank_slide.path: "no tissue found",
@@ -196,6 +195,10 @@ def test_bad_slides_fail_with_one_line(
         assert str(path) in r.error and words in r.error and "\n" not in r.error
         assert not (tmp_path / "tiles" / f"{path.stem}.h5").exists()
     assert tile_slide(no_mpp_tiff.path, tmp_path, TileSettings(mpp=0.5)).status == "ok"
+    # An undecodable low-resolution level: segmented on the next finer level, with a warning.
+    r = tile_slide(corrupt_lowres_slide.path, tmp_path, TileSettings())
+    assert r.status == "ok" and r.n_regions >= 1
+    assert "level 2 cannot be decoded" in r.error and "segmenting on level 1" in r.error
     assert (
         tile_slide(suspicious_svs.path, tmp_path, TileSettings(trust_metadata=True)).status == "ok"
     )
