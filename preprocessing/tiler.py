@@ -108,8 +108,8 @@ class TileSettings:
     edge_fill : {"white", "black"}
         What a region shows where it runs past the slide edge. White (the default) is what
         glass looks like, so the encoder sees background it knows, and the tissue mask treats
-        it as background; CLAM and TRIDENT fill black. Recorded as the ``edge_fill`` attr,
-        which the embedder reads.
+        it as background; CLAM and TRIDENT fill black. Recorded as the ``edge_fill`` attr;
+        readers take it as ``fill`` (``EDGE_FILLS`` maps it to a grey value).
     max_slide_px : int
         Refuse a slide claiming more level-0 pixels than this.
     """
