@@ -272,3 +272,42 @@ def test_a_killed_worker_fails_only_its_slide(tiff_pen, tmp_path):
     assert sum(r["status"] == "ok" for r in rows.values()) == 6 - len(failed)
     assert proc.returncode == (1 if failed else 0)
     assert "BrokenProcessPool" not in stdout + stderr
+
+
+def test_huge_claimed_size_fails_that_slide_only(tiff_050, tmp_path):
+    """A header claiming 300,000² px: refused in one line, in bounded memory; the batch goes on."""
+    import resource
+
+    from hipt import synthetic
+
+    d = tmp_path / "in"
+    d.mkdir()
+    huge = synthetic.write_huge_claim_tiff(d / "huge.tiff", 300_000, 300_000)
+    assert huge.stat().st_size < 4 << 20
+    shutil.copy(tiff_050.path, d / "good.tiff")
+
+    def limit_memory() -> None:  # a 3 GiB address space: one full-width strip would not fit
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    def run(*extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+        out = tmp_path / f"o{len(extra)}"
+        p = subprocess.run(
+            [sys.executable, "-m", "hipt.cli", "tile", str(d), "--out", str(out), "--mpp", "0.5"]
+            + ["--no-progress", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=limit_memory,
+        )
+        return p, {r["slide_id"]: r for r in csv.DictReader(open(out / "tiling.csv"))}
+
+    p, rows = run()
+    assert p.returncode == 1, p.stderr
+    assert rows["good"]["status"] == "ok" and rows["huge"]["status"] == "failed"
+    assert "300000x300000 px" in rows["huge"]["error"] and "--max-slide-px" in rows["huge"]["error"]
+    assert "Traceback" not in p.stderr
+    # Under a higher limit, the claim is still impossible for a file of under 4 MB.
+    p, rows = run("--max-slide-px", str(10**12))
+    assert p.returncode == 1 and rows["good"]["status"] == "ok"
+    assert "cannot be this small" in rows["huge"]["error"]
