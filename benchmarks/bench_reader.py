@@ -265,6 +265,52 @@ def region40x(workdir: Path, regions: int, threads: int) -> bool:
     return ok
 
 
+def subpixel(workdir: Path, regions: int, threads: int) -> None:
+    """Odd-sized pyramid, level 1 (fractional downsample): the cost of the sub-pixel shift.
+
+    ``fast, whole px`` reads at corners that fall on whole level pixels (no shift), ``fast,
+    sub-px`` at corners off the grid (one more pixel decoded each way, then the bilinear
+    shift); OpenSlide reads the same off-grid corners. Also prints the largest difference.
+    """
+    from hipt.readers.openslide_reader import OpenSlideReader
+    from hipt.readers.tiff_jpeg import TiffJpegReader
+    from hipt.synthetic import write_generic_tiff
+
+    path = workdir / "bench_odd_8193x8191.tiff"
+    if not path.exists():
+        write_generic_tiff(path, 8193, 8191, mpp=0.25, tile_px=512, seed=13)
+    _warm_cache(path)
+    side = 2048
+    fast = TiffJpegReader(path, threads=threads)
+    osr = OpenSlideReader(path)
+    ds = fast.level_downsamples[1]
+    whole = [x for x in range(0, 8193 - 2 * side) if abs((x / ds) - round(x / ds)) < 1e-4]
+    xs_whole = whole[:: max(1, len(whole) // regions)][:regions]
+    xs_sub = [x + 301 for x in xs_whole]
+    times = {"fast, whole px": 0.0, "fast, sub-px": 0.0, "openslide, sub-px": 0.0}
+    worst = 0
+    fast.read_level(1, 0, 0, 256, 256)
+    for xw, xsub in zip(xs_whole, xs_sub, strict=True):
+        t = time.perf_counter()
+        fast.read_level(1, xw, xw, side, side)
+        times["fast, whole px"] += time.perf_counter() - t
+        t = time.perf_counter()
+        a = fast.read_level(1, xsub, xsub, side, side)
+        times["fast, sub-px"] += time.perf_counter() - t
+        t = time.perf_counter()
+        b = osr.read_level(1, xsub, xsub, side, side)
+        times["openslide, sub-px"] += time.perf_counter() - t
+        worst = max(worst, int(np.abs(a.astype(np.int16) - b).max()))
+    n = len(xs_whole)
+    print(f"\nodd pyramid 8193x8191, level 1 (downsample {ds:.6f}), {n} reads of {side} px")
+    print(f"{'method':<18} {'s/read':>8} {'x whole px':>10}")
+    for m, t in times.items():
+        print(f"{m:<18} {t / n:>8.3f} {t / times['fast, whole px']:>9.2f}x")
+    print(f"fast vs OpenSlide at sub-pixel corners: max {worst} grey levels")
+    fast.close()
+    osr.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=16384, help="level-0 side of the slide, px")
@@ -280,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workdir", type=Path, default=None, help="where slides are written")
     p.add_argument("--region40x", type=int, default=4, help="40x regions for that table (0: skip)")
-    p.add_argument("--only-40x", action="store_true", help="run the 40x table only")
+    p.add_argument("--subpixel", type=int, default=4, help="odd-pyramid reads (0: skip)")
+    p.add_argument("--only-40x", action="store_true", help="run the 40x and sub-pixel tables only")
     args = p.parse_args(argv)
 
     from hipt.atomic import atomic_path
@@ -300,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.region40x:
             ok40 = region40x(workdir, args.region40x, threads)
+        if args.subpixel:
+            subpixel(workdir, args.subpixel, threads)
         for tile in [] if args.only_40x else args.tiles:
             path = workdir / f"bench_{args.size}_{tile}.tiff"
             if not path.exists():

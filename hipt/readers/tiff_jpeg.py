@@ -27,8 +27,8 @@ Pixel equality with OpenSlide (measured in ``tests/test_reader_fast.py``):
 * When ``x0 / downsample`` is fractional (level > 0 of a real scan, whose odd dimensions make
   every downsample fractional, so the tiler's region corners are never on a whole level pixel),
   OpenSlide shifts the level image by the sub-pixel fraction with bilinear interpolation; this
-  reader does the same (one more pixel decoded each way, float bilinear rounded to nearest).
-  Measured on 6001 x 5999 px pyramids: 2 % of values differ by 1 grey level, 0.001 % by 2-3
+  reader does the same (one more pixel decoded each way, 8-bit bilinear weights).
+  Measured on 6001 x 5999 px pyramids: 2.5 % of values differ by 1 grey level, 0.001 % by 2-3
   (cairo's 8-bit weights and its tile-by-tile painting), none by more. Snapping to the nearest
   level pixel instead (this reader until then) gave 19-43 grey levels at nucleus edges. The
   shift costs one more pass over the region (in strips, spread over the decode threads).
@@ -74,7 +74,7 @@ _MAX_SPAN = 64 << 20
 # A sub-pixel fraction this close to a whole pixel is taken as whole (see _origin).
 _WHOLE_PX = 1.0 / 512
 # Rows per strip of the sub-pixel shift (float32 strips of a 4096 px row stay in cache).
-_SHIFT_ROWS = 64
+_SHIFT_ROWS = 32
 
 
 class UnsupportedSlideError(SlideReadError):
@@ -401,22 +401,36 @@ class TiffJpegReader:
     def _shift(self, window: np.ndarray, fx: float, fy: float, out: np.ndarray) -> None:
         """``out`` = ``window`` shifted by ``(fx, fy)`` of a pixel with bilinear weights.
 
-        In float32 strips of 64 rows (they stay in cache), spread over the decode threads
-        (numpy releases the GIL); rounded to nearest.
+        8-bit weights (as cairo's are), across then down, each pass rounded to nearest, in
+        uint16 strips of ``_SHIFT_ROWS`` rows spread over the decode threads (numpy releases
+        the GIL). Each thread computes in its own reused buffers: fresh temporaries of this size
+        come from mmap and page-fault on every strip. Measured: 0.07 s per 2048² px on one
+        core, against 0.19 s for the float32 form with temporaries; within 1 grey level of
+        exact bilinear.
         """
-        height = out.shape[0]
-        wx, wy = np.float32(fx), np.float32(fy)
+        height, width = out.shape[:2]
+        ax, ay = int(round(fx * 256)), int(round(fy * 256))
 
         def run(starts: list[int]) -> None:
+            src = np.empty((_SHIFT_ROWS + 1, width + 1, 3), np.uint16)
+            rows = np.empty((_SHIFT_ROWS + 1, width, 3), np.uint16)
+            tmp = np.empty((_SHIFT_ROWS + 1, width, 3), np.uint16)
             for r0 in starts:
-                r1 = min(height, r0 + _SHIFT_ROWS)
-                strip = window[r0 : r1 + 1].astype(np.float32)
-                rows = strip[:, :-1] * (1 - wx)
-                rows += strip[:, 1:] * wx
-                blended = rows[:-1] * (1 - wy)
-                blended += rows[1:] * wy
-                blended += 0.5
-                out[r0:r1] = blended  # truncates: round half up
+                n = min(height, r0 + _SHIFT_ROWS) - r0
+                s, h, t = src[: n + 1], rows[: n + 1], tmp[: n + 1]
+                np.copyto(s, window[r0 : r0 + n + 1])
+                np.multiply(s[:, :-1], 256 - ax, out=h)  # at most 255 * 256: fits uint16
+                np.multiply(s[:, 1:], ax, out=t)
+                h += t
+                h += 128
+                h >>= 8
+                down, below = t[:n], s[:n, :-1]  # reuse the buffers for the vertical pass
+                np.multiply(h[:-1], 256 - ay, out=down)
+                np.multiply(h[1:], ay, out=below)
+                down += below
+                down += 128
+                down >>= 8
+                np.copyto(out[r0 : r0 + n], down, casting="unsafe")
 
         self._in_threads(run, list(range(0, height, _SHIFT_ROWS)))
 
