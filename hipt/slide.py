@@ -222,6 +222,17 @@ class Slide:
         )
         self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in r.level_downsamples)
         self.dimensions: tuple[int, int] = self.level_dimensions[0]
+        self._init_mpp(mpp, trust_metadata)
+        if self.level_count == 1 and max(self.dimensions) > NO_PYRAMID_WARN_PX:
+            warnings.warn(
+                f"{self.path}: has no pyramid (one level of {self.dimensions[0]}x"
+                f"{self.dimensions[1]} px); low-resolution reads decode level 0 and are slow",
+                SlowReadWarning,
+                stacklevel=3,
+            )
+
+    def _init_mpp(self, mpp: float | None, trust_metadata: bool) -> None:
+        """Set ``mpp_level0`` and ``mpp_source``; raise or warn about what the metadata says."""
         found, source, power = mpp_from_properties(self.properties)
         self.objective_power: float | None = power
         if mpp is not None:
@@ -247,20 +258,20 @@ class Slide:
                 warnings.warn(
                     f"{self.path}: µm/px {found:g} guessed from the objective power {power:g}x "
                     f"alone ({why}); pass --mpp if the scan's µm/px differs",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             elif problems:
                 warnings.warn(
                     f"{self.path}: ignored {'; '.join(problems)}; using {found:g} µm/px from "
                     f"{source}",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             mpp_y = _float(self.properties, "openslide.mpp-y")
             if source == "openslide.mpp-x" and mpp_y and abs(mpp_y / found - 1) > 0.02:
                 warnings.warn(
                     f"{self.path}: pixels are not square ({found:g} x {mpp_y:g} µm); using the "
                     "x value",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             if power is not None and source != "openslide.objective-power":
                 expected = 10.0 / power
@@ -274,14 +285,7 @@ class Slide:
                         raise MppError(
                             msg + "; pass --mpp to set it or --trust-metadata to accept it"
                         )
-                    warnings.warn(msg + "; trusted (--trust-metadata)", stacklevel=3)
-        if self.level_count == 1 and max(self.dimensions) > NO_PYRAMID_WARN_PX:
-            warnings.warn(
-                f"{self.path}: has no pyramid (one level of {self.dimensions[0]}x"
-                f"{self.dimensions[1]} px); low-resolution reads decode level 0 and are slow",
-                SlowReadWarning,
-                stacklevel=3,
-            )
+                    warnings.warn(msg + "; trusted (--trust-metadata)", stacklevel=4)
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> Slide:

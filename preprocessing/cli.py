@@ -81,6 +81,7 @@ def _fraction(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hipt tile``."""
+    # A flat list of flags, one call each: long, but nothing to split.
     parser.add_argument(
         "inputs", nargs="+", metavar="SLIDES_OR_DIRS", help="slide files or folders of slides"
     )

@@ -212,6 +212,8 @@ def region_grid(
     RegionGrid
         Kept regions in row-major grid order.
     """
+    # Over 60 lines with its docstring; the body is one computation (cells, fractions, kept
+    # regions, rescued fragments) that reads best in one place.
     mask = tissue.mask
     ds = tissue.downsample
     x0, y0, x1, y1 = tissue.bbox_level0()
@@ -710,6 +712,7 @@ def tile_batch(
     list of TileResult
         One per input slide (and per duplicate, missing or skipped input), in input order.
     """
+    # Long only by its docstring and the one closure that reports each result as it lands.
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
