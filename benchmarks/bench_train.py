@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hipt.synthetic_cohort import make_subtyping_cohort
+from hipt.synthetic.cohorts import make_subtyping_cohort
 from train.config import default_config, merge, validate
 from train.data import BagStore, case_strata, load_cohort
 from train.loops import FoldRunner, build_model, make_optimizer

@@ -75,7 +75,7 @@ def _train_config(
 def main(args: argparse.Namespace) -> int:
     """Run the demo; returns 0 when every step succeeded."""
     from hipt.synthetic import write_demo_slides
-    from hipt.synthetic_cohort import make_subtyping_cohort, make_survival_cohort
+    from hipt.synthetic.cohorts import make_subtyping_cohort, make_survival_cohort
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,13 @@ def _any_number(value: Any) -> str | None:
     return None if ok else "a finite number"
 
 
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"one of {', '.join(choices)}"
+
+    return check
+
+
 def _flag(value: Any) -> str | None:
     return None if isinstance(value, bool) or value in (0, 1) else "true/false (or 0/1)"
 
@@ -122,6 +129,8 @@ TILES_ATTR_TYPES: dict[str, Callable[[Any], str | None]] = {
     "patch_size": _int_at_least(1),
     "token_size": _int_at_least(1),
     "slide_file_bytes": _int_at_least(0),
+    "edge_fill": _one_of("white", "black"),
+    "upsample_factor": _positive_number,
 }
 FEATURES_ATTR_TYPES: dict[str, Callable[[Any], str | None]] = {
     "slide_id": _text,
@@ -133,6 +142,8 @@ FEATURES_ATTR_TYPES: dict[str, Callable[[Any], str | None]] = {
     "mean": _numbers(3, _any_number, "finite numbers"),
     "std": _numbers(3, _positive_number, "finite numbers > 0"),
     "hipt_version": _text,
+    "upsample_factor": _positive_number,
+    "edge_fill": _one_of("white", "black"),
     "region_size": _int_at_least(1),
     "region_dim": _int_at_least(1),
     "reader": _text,

@@ -8,19 +8,57 @@ be written.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-from hipt.geometry import REGION_PX
+from hipt.geometry import PATCH_PX, REGION_PX
 from hipt.readers import READERS
+from hipt.readers.base import EDGE_FILLS
 from hipt.shard import resolve_shard
-from preprocessing.tiler import TileResult, TileSettings, tile_batch
+from hipt.slide import PLAUSIBLE_MPP
+from preprocessing.tiler import (
+    MAX_SLIDE_PX,
+    Terminated,
+    TileResult,
+    TileSettings,
+    terminate_on_sigterm,
+    tile_batch,
+)
 from preprocessing.tissue import SegmentationParams
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    value = _number(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _mpp(text: str) -> float:
+    """A µm/px a scan or a region can really have."""
+    value = _positive(text)
+    lo, hi = PLAUSIBLE_MPP
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"{text} µm/px is implausible; slides and regions are {lo:g}-{hi:g} µm/px "
+            "(0.25 is 40x, 0.5 is 20x)"
+        )
+    return value
+
+
+def _region_px(text: str) -> int:
+    value = _positive_int(text)
+    if value % PATCH_PX:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive multiple of the {PATCH_PX} px patch, got {text}"
+        )
     return value
 
 
@@ -43,16 +81,17 @@ def _fraction(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hipt tile``."""
+    # A flat list of flags, one call each: long, but nothing to split.
     parser.add_argument(
         "inputs", nargs="+", metavar="SLIDES_OR_DIRS", help="slide files or folders of slides"
     )
     parser.add_argument("--out", required=True, help="output folder (tiles/, qc/, tiling.csv)")
     parser.add_argument(
-        "--target-mpp", type=_positive, default=0.5, help="µm/px of the regions (default 0.5)"
+        "--target-mpp", type=_mpp, default=0.5, help="µm/px of the regions (default 0.5)"
     )
     parser.add_argument(
         "--region-px",
-        type=_positive_int,
+        type=_region_px,
         default=REGION_PX,
         help=f"region side in px at --target-mpp (default {REGION_PX})",
     )
@@ -64,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mpp",
-        type=_positive,
+        type=_mpp,
         default=None,
         help="level-0 µm/px of every slide, overriding the metadata",
     )
@@ -81,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seg-mpp",
-        type=_positive,
+        type=_mpp,
         default=SegmentationParams.seg_mpp,
         help="µm/px of the segmentation image",
     )
@@ -89,6 +128,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--verify",
         action="store_true",
         help="decode every kept region once, so unreadable tiles fail the slide now (slow)",
+    )
+    parser.add_argument(
+        "--allow-upsampling",
+        action="store_true",
+        help="tile slides scanned coarser than --target-mpp (regions are upsampled; the factor "
+        "is recorded); without it such slides fail",
+    )
+    parser.add_argument(
+        "--edge-fill",
+        choices=sorted(EDGE_FILLS),
+        default="white",
+        help="what regions show past the slide edge (default white, like glass; CLAM and "
+        "TRIDENT use black)",
+    )
+    parser.add_argument(
+        "--max-slide-px",
+        type=_positive_int,
+        default=MAX_SLIDE_PX,
+        help=f"refuse slides claiming more level-0 pixels (default {MAX_SLIDE_PX:.0e})",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="redo slides whose tiles file is already complete"
@@ -104,17 +162,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def summary(results: list[TileResult]) -> str:
     """A short text summary: counts by status, then every failed or skipped-with-reason slide."""
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    statuses = ("ok", "skipped", "failed", "not_processed")
+    counts = {s: sum(r.status == s for r in results) for s in statuses}
     regions = sum(r.n_regions for r in results if r.status in ("ok", "skipped"))
     lines = [
-        f"tiled {counts['ok']} slide(s), skipped {counts['skipped']}, failed {counts['failed']}; "
-        f"{regions} regions in total"
+        f"tiled {counts['ok']} slide(s), skipped {counts['skipped']}, failed {counts['failed']}, "
+        f"not processed {counts['not_processed']}; {regions} regions in total"
     ]
     failed = [r for r in results if r.status == "failed"]
     if failed:
         lines.append("failed:")
         lines += [f"  {r.slide_id}: {r.error}" for r in failed]
-    noted = [r for r in results if r.status == "skipped" and r.error]
+    noted = [r for r in results if r.status in ("skipped", "not_processed") and r.error]
     if noted:
         lines.append("not processed:")
         lines += [f"  {r.slide_id}: {r.error}" for r in noted]
@@ -134,6 +193,9 @@ def main(args: argparse.Namespace) -> int:
         reader=args.reader,
         seg=SegmentationParams(seg_mpp=args.seg_mpp),
         verify=args.verify,
+        allow_upsampling=args.allow_upsampling,
+        edge_fill=args.edge_fill,
+        max_slide_px=args.max_slide_px,
     )
     out = Path(args.out)
     try:
@@ -141,6 +203,9 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hipt tile: {exc}", file=sys.stderr)
         return 2
+    finished: list[TileResult] = []
+    terminate_on_sigterm()
+    record = "tiling.csv" if shard is None else f"tiling.{shard.tag}.csv"
     try:
         results = tile_batch(
             args.inputs,
@@ -150,11 +215,21 @@ def main(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             shard=shard,
+            on_result=finished.append,
         )
     except OSError as exc:
         print(f"hipt tile: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        # Slurm preemption or scancel: the workers are stopped and the record is written, so
+        # the same command (requeued) resumes with the slides that did not finish.
+        print(
+            f"hipt tile: stopped by SIGTERM after {len(finished)} slide(s) finished; "
+            f"they are recorded in {out / record}; run the same command to go on",
+            file=sys.stderr,
+        )
+        print(summary(finished))
+        return 143
     print(summary(results))
-    record = "tiling.csv" if shard is None else f"tiling.{shard.tag}.csv"
     print(f"wrote {out / record}")
     return 1 if any(r.status == "failed" for r in results) else 0

@@ -9,15 +9,18 @@ For each slide: segment tissue on a low-resolution level, lay a grid of regions 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import math
 import os
+import signal
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,13 @@ from hipt.atomic import atomic_path, write_text_atomic
 from hipt.geometry import PATCH_PX, REGION_PX, TOKEN_PX
 from hipt.h5schema import SchemaError, read_tiles, write_tiles
 from hipt.readers import SlideReadError
+from hipt.readers.base import EDGE_FILLS
 from hipt.shard import Shard, shard_items
-from hipt.slide import Slide
+from hipt.slide import Slide, check_name, dicom_instances, slide_id_for
 from preprocessing.tissue import SegmentationParams, TissueMask, segment_tissue
 
-# Suffixes picked up when a folder is given. DICOM is left out on purpose: one DICOM slide is a
-# folder of many .dcm files, so pass one of its files explicitly.
+# Suffixes picked up when a folder is given. A DICOM slide is a folder of .dcm instances: the
+# folder (given, or inside a given folder) is one slide, named after it.
 SLIDE_SUFFIXES = (
     ".svs",
     ".tif",
@@ -56,9 +60,22 @@ CSV_COLUMNS = (
     "n_regions",
     "mpp_level0",
     "mpp_source",
+    "upsample_factor",
     "seconds",
     "error",
 )
+# A slide claiming more pixels than this is refused (``--max-slide-px``): 50 gigapixels is
+# above any real scan (a 200,000 x 200,000 px slide is 40).
+MAX_SLIDE_PX = 50_000_000_000
+# Fewer file bytes per claimed level-0 pixel than this cannot be a real slide: even bare glass
+# in JPEG tiles takes about 0.01 bytes per pixel; the bound leaves 20x room.
+MIN_FILE_BYTES_PER_PX = 0.0005
+# Level-0 µm/px more than this factor coarser than the target counts as upsampling.
+UPSAMPLE_TOLERANCE = 1.001
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop, clean up, record what finished (exit 143)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,17 @@ class TileSettings:
     verify : bool
         Decode every kept region once at the read level, so a slide with an unreadable tile
         fails now rather than at embedding time (slow: reads the pixels the embedder will).
+    allow_upsampling : bool
+        Tile a slide whose level 0 is coarser than ``target_mpp`` (its regions are then
+        upsampled by ``upsample_factor``, recorded in the tiles file and ``tiling.csv``);
+        without it such a slide fails, since ViT-256 was never trained on upsampled pixels.
+    edge_fill : {"white", "black"}
+        What a region shows where it runs past the slide edge. White (the default) is what
+        glass looks like, so the encoder sees background it knows, and the tissue mask treats
+        it as background; CLAM and TRIDENT fill black. Recorded as the ``edge_fill`` attr;
+        readers take it as ``fill`` (``EDGE_FILLS`` maps it to a grey value).
+    max_slide_px : int
+        Refuse a slide claiming more level-0 pixels than this.
     """
 
     target_mpp: float = 0.5
@@ -94,6 +122,15 @@ class TileSettings:
     reader: str = "auto"
     seg: SegmentationParams = field(default_factory=SegmentationParams)
     verify: bool = False
+    allow_upsampling: bool = False
+    edge_fill: str = "white"
+    max_slide_px: int = MAX_SLIDE_PX
+
+    def __post_init__(self) -> None:
+        if self.edge_fill not in EDGE_FILLS:
+            raise ValueError(
+                f"edge_fill must be one of {sorted(EDGE_FILLS)}, not {self.edge_fill!r}"
+            )
 
     def as_attrs(self) -> dict[str, Any]:
         """The settings as tiles-file attrs (those that change the result)."""
@@ -104,6 +141,7 @@ class TileSettings:
             "mpp_override": "none" if self.mpp is None else float(self.mpp),
             "trust_metadata": int(self.trust_metadata),
             "verified": int(self.verify),
+            "edge_fill": self.edge_fill,
             **self.seg.as_attrs(),
         }
 
@@ -114,10 +152,11 @@ class TileResult:
 
     slide_id: str
     slide_path: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | failed | skipped | not_processed
     n_regions: int = 0
     mpp_level0: float | None = None
     mpp_source: str = ""
+    upsample_factor: float = 1.0
     seconds: float = 0.0
     error: str = ""
     duplicate: bool = False  # the same file given again: reported, but no row of its own
@@ -125,6 +164,7 @@ class TileResult:
     def row(self) -> dict[str, str]:
         d = asdict(self)
         d["mpp_level0"] = "" if self.mpp_level0 is None else f"{self.mpp_level0:.6g}"
+        d["upsample_factor"] = f"{self.upsample_factor:.6g}"
         d["seconds"] = f"{self.seconds:.3f}"
         return {k: str(d[k]) for k in CSV_COLUMNS}
 
@@ -172,6 +212,8 @@ def region_grid(
     RegionGrid
         Kept regions in row-major grid order.
     """
+    # Over 60 lines with its docstring; the body is one computation (cells, fractions, kept
+    # regions, rescued fragments) that reads best in one place.
     mask = tissue.mask
     ds = tissue.downsample
     x0, y0, x1, y1 = tissue.bbox_level0()
@@ -273,10 +315,27 @@ def write_png_atomic(image: Image.Image, path: Path) -> None:
 
 
 def write_csv_atomic(results: Sequence[TileResult], path: Path) -> None:
-    """Write ``tiling.csv`` (one row per slide) atomically."""
+    """Write ``tiling.csv`` atomically: one row per slide, earlier runs' rows kept.
+
+    Rows of an existing record whose slide this run does not mention stay (in their order,
+    first); every slide of this run gets this run's row, so the latest run wins.
+    """
+    mine = {r.slide_id for r in results}
+    kept: list[dict[str, str]] = []
+    try:
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("slide_id") and row["slide_id"] not in mine:
+                    kept.append({k: row.get(k) or "" for k in CSV_COLUMNS})
+    except FileNotFoundError:
+        pass
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        # A damaged record is rewritten from this run alone; say so rather than fail the batch.
+        print(f"warning: {path}: earlier rows dropped, cannot read it ({exc})", file=sys.stderr)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
+    writer.writerows(kept)
     for r in results:
         writer.writerow(r.row())
     write_text_atomic(path, buf.getvalue())
@@ -290,9 +349,19 @@ def qc_path(out_dir: Path, slide_id: str) -> Path:
     return Path(out_dir) / "qc" / f"{slide_id}.png"
 
 
+def remove_leftovers(out_dir: Path, slide_id: str) -> None:
+    """Remove temporary files a killed run left for ``slide_id`` (``.<id>.h5.tmp-*`` and PNG)."""
+    for folder, suffix in (("tiles", ".h5"), ("qc", ".png")):
+        for tmp in (Path(out_dir) / folder).glob(f".{slide_id}{suffix}.tmp-*"):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
 def existing_result(path: Path, out_dir: Path, settings: TileSettings) -> TileResult | None:
     """A ``skipped`` result if the slide's tiles file is complete, valid and made with ``settings``."""
-    slide_id = path.stem
+    slide_id = slide_id_for(path)
     tp, qp = tiles_path(out_dir, slide_id), qc_path(out_dir, slide_id)
     if not tp.exists() or not qp.exists():
         return None
@@ -315,6 +384,9 @@ def existing_result(path: Path, out_dir: Path, settings: TileSettings) -> TileRe
             return None
     if settings.reader != "auto" and attrs.get("reader") != settings.reader:
         return None
+    factor = float(attrs.get("upsample_factor", 1.0))
+    if factor > 1 and not settings.allow_upsampling:
+        return None
     return TileResult(
         slide_id=slide_id,
         slide_path=str(path),
@@ -322,11 +394,125 @@ def existing_result(path: Path, out_dir: Path, settings: TileSettings) -> TileRe
         n_regions=len(tiles),
         mpp_level0=float(attrs["mpp_level0"]),
         mpp_source=str(attrs["mpp_source"]),
+        upsample_factor=factor,
         error="",
     )
 
 
 # ---------------------------------------------------------------------------------- one slide
+def check_claimed_size(slide: Slide, path: Path, settings: TileSettings) -> None:
+    """Refuse a slide whose level-0 size is over the limit, or impossible for its file size.
+
+    A header can claim any size; nothing is allocated from it before this check passes.
+    """
+    w, h = slide.dimensions
+    pixels = w * h
+    if pixels > settings.max_slide_px:
+        raise SlideReadError(
+            f"{path}: claims {w}x{h} px ({pixels / 1e9:.1f} gigapixels), over the limit of "
+            f"{settings.max_slide_px / 1e9:g} (--max-slide-px)"
+        )
+    size = _file_bytes(path)
+    if size is not None and size < pixels * MIN_FILE_BYTES_PER_PX:
+        raise SlideReadError(
+            f"{path}: claims {w}x{h} px but the file holds only {size} bytes; a real slide "
+            "of that size cannot be this small (damaged or forged header)"
+        )
+
+
+def _file_bytes(path: Path) -> int | None:
+    """Bytes of the slide: the file, or a DICOM folder's instances together."""
+    try:
+        if path.is_dir():
+            return sum(q.stat().st_size for q in dicom_instances(path)) or None
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def upsample_factor(slide: Slide, settings: TileSettings) -> float:
+    """How much the regions are upsampled (1.0 when level 0 is at least as fine as the target).
+
+    Raises ``SlideReadError`` for a coarser scan unless ``settings.allow_upsampling``.
+    """
+    factor = slide.mpp_level0 / settings.target_mpp
+    if factor <= UPSAMPLE_TOLERANCE:
+        return 1.0
+    if not settings.allow_upsampling:
+        raise SlideReadError(
+            f"{slide.path}: the scan is {slide.mpp_level0:g} µm/px, coarser than --target-mpp "
+            f"{settings.target_mpp:g}: its regions would be upsampled {factor:.3g}x; "
+            "pass --allow-upsampling to tile it anyway"
+        )
+    return factor
+
+
+def tiles_attrs(
+    slide: Slide,
+    path: Path,
+    settings: TileSettings,
+    tissue: TissueMask,
+    grid: RegionGrid,
+    factor: float,
+) -> dict[str, Any]:
+    """The attrs of one slide's tiles file: the slide, its geometry, provenance and settings."""
+    r0 = slide.region_size_level0(settings.region_px, settings.target_mpp)
+    read_level = slide.best_level_for(settings.target_mpp)
+    return {
+        "slide_id": slide.slide_id,
+        "slide_path": str(path.resolve()),
+        "slide_size": list(slide.dimensions),
+        "slide_file_bytes": _file_bytes(path) or 0,
+        "mpp_level0": float(slide.mpp_level0),
+        "mpp_source": slide.mpp_source,
+        "objective_power": slide.objective_power,
+        "region_size_level0": grid.region_size_level0,
+        "read_level": int(read_level),
+        "region_size_read_level": int(round(r0 / slide.level_downsamples[read_level])),
+        "upsample_factor": float(factor),
+        "patch_size": PATCH_PX,
+        "token_size": TOKEN_PX,
+        "reader": slide.reader_name,
+        "tissue_mask_mpp": float(tissue.mask_mpp),
+        "seg_threshold": float(tissue.threshold),
+        "grid_origin_level0": list(grid.origin_level0),
+        "grid_shape": list(grid.grid_shape),
+        "hipt_version": hipt.__version__,
+        **settings.as_attrs(),
+    }
+
+
+def plan_slide(
+    path: Path, settings: TileSettings, result: TileResult
+) -> tuple[TissueMask, RegionGrid, dict[str, Any]]:
+    """Open, check, segment and grid one slide; fills ``result``'s µm/px fields on the way."""
+    with Slide(
+        path, mpp=settings.mpp, trust_metadata=settings.trust_metadata, reader=settings.reader
+    ) as slide:
+        result.mpp_level0 = slide.mpp_level0
+        result.mpp_source = slide.mpp_source
+        check_claimed_size(slide, path, settings)
+        factor = result.upsample_factor = upsample_factor(slide, settings)
+        tissue = segment_tissue(slide, settings.seg)
+        r0 = slide.region_size_level0(settings.region_px, settings.target_mpp)
+        grid = region_grid(tissue, int(round(r0)), settings.min_tissue)
+        if settings.verify:
+            verify_regions(slide, grid.coords, r0, slide.best_level_for(settings.target_mpp))
+        return tissue, grid, tiles_attrs(slide, path, settings, tissue, grid, factor)
+
+
+def _failure_message(exc: BaseException, path: Path) -> str:
+    """One line for a slide that failed: the reader's own message, or the error and where."""
+    if isinstance(exc, SlideReadError | SchemaError):
+        return _one_line(str(exc))
+    if isinstance(exc, OSError):
+        return _one_line(f"{path}: {exc}")
+    last = traceback.extract_tb(exc.__traceback__)[-1]
+    return _one_line(
+        f"{path}: unexpected {type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})"
+    )
+
+
 def tile_slide(
     path: str | os.PathLike, out_dir: str | os.PathLike, settings: TileSettings
 ) -> TileResult:
@@ -334,7 +520,8 @@ def tile_slide(
 
     A slide that fails leaves no tiles file or QC image behind: outputs of an earlier run (other
     settings, or ``--overwrite``) are removed, so ``tiles/`` never holds a slide whose latest
-    tiling failed.
+    tiling failed. Warnings (e.g. a µm/px guessed from the objective power) go to the result's
+    ``error`` field of an ``ok`` slide.
 
     Examples
     --------
@@ -346,68 +533,28 @@ def tile_slide(
     >>> r.status, r.n_regions >= 1
     ('ok', True)
     """
-    path = Path(path)
-    out_dir = Path(out_dir)
+    path, out_dir = Path(path), Path(out_dir)
     start = time.perf_counter()
-    result = TileResult(slide_id=path.stem, slide_path=str(path), status="failed")
+    slide_id = slide_id_for(path)
+    result = TileResult(slide_id=slide_id, slide_path=str(path), status="failed")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with Slide(
-                path,
-                mpp=settings.mpp,
-                trust_metadata=settings.trust_metadata,
-                reader=settings.reader,
-            ) as slide:
-                result.mpp_level0 = slide.mpp_level0
-                result.mpp_source = slide.mpp_source
-                tissue = segment_tissue(slide, settings.seg)
-                r0 = slide.region_size_level0(settings.region_px, settings.target_mpp)
-                region_level0 = int(round(r0))
-                grid = region_grid(tissue, region_level0, settings.min_tissue)
-                read_level = slide.best_level_for(settings.target_mpp)
-                if settings.verify:
-                    verify_regions(slide, grid.coords, r0, read_level)
-                attrs = {
-                    "slide_id": slide.slide_id,
-                    "slide_path": str(path.resolve()),
-                    "slide_size": list(slide.dimensions),
-                    "slide_file_bytes": path.stat().st_size,
-                    "mpp_level0": float(slide.mpp_level0),
-                    "mpp_source": slide.mpp_source,
-                    "objective_power": slide.objective_power,
-                    "region_size_level0": region_level0,
-                    "read_level": int(read_level),
-                    "region_size_read_level": int(round(r0 / slide.level_downsamples[read_level])),
-                    "patch_size": PATCH_PX,
-                    "token_size": TOKEN_PX,
-                    "reader": slide.reader_name,
-                    "tissue_mask_mpp": float(tissue.mask_mpp),
-                    "seg_threshold": float(tissue.threshold),
-                    "grid_origin_level0": list(grid.origin_level0),
-                    "grid_shape": list(grid.grid_shape),
-                    "hipt_version": hipt.__version__,
-                    **settings.as_attrs(),
-                }
-        write_png_atomic(qc_image(tissue, grid), qc_path(out_dir, path.stem))
+            tissue, grid, attrs = plan_slide(path, settings, result)
+        remove_leftovers(out_dir, slide_id)
+        write_png_atomic(qc_image(tissue, grid), qc_path(out_dir, slide_id))
         # The tiles file goes last: its presence marks the slide complete.
-        write_tiles(tiles_path(out_dir, path.stem), grid.coords, grid.tissue_fraction, attrs)
+        write_tiles(tiles_path(out_dir, slide_id), grid.coords, grid.tissue_fraction, attrs)
         result.status = "ok"
         result.n_regions = len(grid.coords)
-        notes = [_one_line(str(w.message)) for w in caught]
-        result.error = "; ".join(notes)
-    except (SlideReadError, SchemaError) as exc:
-        result.error = _one_line(str(exc))
-    except OSError as exc:
-        result.error = _one_line(f"{path}: {exc}")
+        result.error = "; ".join(_one_line(str(w.message)) for w in caught)
+    except Terminated:
+        raise
     except Exception as exc:  # one bad slide must never stop the batch
-        last = traceback.extract_tb(exc.__traceback__)[-1]
-        result.error = _one_line(
-            f"{path}: unexpected {type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})"
-        )
+        result.error = _failure_message(exc, path)
     if result.status == "failed":
         # An earlier run's outputs would pass for this run's (the embedder reads every tiles file).
-        for stale in (tiles_path(out_dir, path.stem), qc_path(out_dir, path.stem)):
+        for stale in (tiles_path(out_dir, slide_id), qc_path(out_dir, slide_id)):
             try:
                 stale.unlink(missing_ok=True)
             except OSError as exc:
@@ -417,12 +564,53 @@ def tile_slide(
 
 
 # ---------------------------------------------------------------------------------- batch
-def collect_slides(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[TileResult]]:
-    """Expand files and folders into slide paths; report missing inputs and duplicates.
+def _entry_problem(q: Path) -> str | None:
+    """Why a folder entry with a slide's name is not processed (None: it is a slide file)."""
+    try:
+        q.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{q}: symlink loop, not processed"
+        return f"{q}: dangling symlink, not processed"
+    if q.is_dir():
+        return f"{q}: a folder named like a slide, not processed"
+    if not q.is_file():
+        return f"{q}: not a regular file, not processed"
+    return None
 
-    Folders are searched (not recursively) for files with a known slide suffix. The same file
-    given twice is skipped the second time; two different files with the same slide id would
-    write the same outputs, so the second one fails.
+
+def _folder_slides(folder: Path) -> tuple[list[Path], list[TileResult]]:
+    """The slides in one given folder: slide files and DICOM sub-folders; skipped entries."""
+    found: list[Path] = []
+    skipped: list[TileResult] = []
+    for q in sorted(folder.iterdir()):
+        if q.is_dir() and not q.is_symlink() and dicom_instances(q):
+            found.append(q)  # a DICOM whole-slide image
+            continue
+        if q.suffix.lower() not in SLIDE_SUFFIXES and not q.name.lower().endswith(
+            (".ome.tiff", ".ome.tif")
+        ):
+            continue
+        if q.suffix.lower() == ".mrxs" and q.is_file():
+            found.append(q)
+            continue
+        problem = _entry_problem(q)
+        if problem is None:
+            found.append(q)
+        else:
+            skipped.append(TileResult(q.stem, str(q), "not_processed", error=problem))
+    return found, skipped
+
+
+def collect_slides(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[TileResult]]:
+    """Expand files and folders into slide paths; report missing inputs, duplicates, bad names.
+
+    Folders are searched (not recursively) for files with a known slide suffix and for DICOM
+    sub-folders; a folder holding ``.dcm`` files is itself one slide, and a ``.dcm`` file
+    stands for its folder. Entries that look like slides but are not files (a folder named
+    ``x.svs``, a dangling symlink, a symlink loop) are listed as ``not_processed``. The same
+    slide given twice is skipped the second time; two different slides with the same slide id
+    would write the same outputs, so the second one fails, as does an id that is no safe name.
     """
     slides: list[Path] = []
     problems: list[TileResult] = []
@@ -430,15 +618,15 @@ def collect_slides(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
     by_id: dict[str, Path] = {}
     for item in inputs:
         p = Path(item)
-        if p.is_dir() and p.suffix.lower() != ".mrxs":
-            found = sorted(
-                q for q in p.iterdir() if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES
-            )
-            if not found:
+        if p.suffix.lower() == ".dcm" and p.is_file():
+            p = p.parent
+        if p.is_dir() and p.suffix.lower() != ".mrxs" and not dicom_instances(p):
+            candidates, skipped = _folder_slides(p)
+            problems += skipped
+            if not candidates and not skipped:
                 problems.append(
                     TileResult(p.name, str(p), "failed", error=f"{p}: folder holds no slides")
                 )
-            candidates = found
         elif p.exists():
             candidates = [p]
         else:
@@ -447,32 +635,40 @@ def collect_slides(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
             )
             continue
         for q in candidates:
-            resolved = q.resolve()
-            if resolved in by_resolved:
-                problems.append(
-                    TileResult(
-                        q.stem,
-                        str(q),
-                        "skipped",
-                        error=f"{q}: same slide given twice (as {by_resolved[resolved]})",
-                        duplicate=True,
-                    )
-                )
+            problem = _claim(q, by_resolved, by_id)
+            if problem is not None:
+                problems.append(problem)
                 continue
-            if q.stem in by_id:
-                problems.append(
-                    TileResult(
-                        q.stem,
-                        str(q),
-                        "failed",
-                        error=f"{q}: slide id {q.stem!r} is already used by {by_id[q.stem]}; rename one of them",
-                    )
-                )
-                continue
-            by_resolved[resolved] = q
-            by_id[q.stem] = q
             slides.append(q)
     return slides, problems
+
+
+def _claim(q: Path, by_resolved: dict[Path, Path], by_id: dict[str, Path]) -> TileResult | None:
+    """Register slide ``q`` under its id; the problem if it is a repeat or its id is unusable."""
+    resolved = q.resolve()
+    sid = slide_id_for(q)
+    if resolved in by_resolved:
+        return TileResult(
+            sid,
+            str(q),
+            "skipped",
+            error=f"{q}: same slide given twice (as {by_resolved[resolved]})",
+            duplicate=True,
+        )
+    try:
+        check_name(sid, "slide id")
+    except ValueError as exc:
+        return TileResult(sid, str(q), "failed", error=f"{q}: {exc}; rename the file")
+    if sid in by_id:
+        return TileResult(
+            sid,
+            str(q),
+            "failed",
+            error=f"{q}: slide id {sid!r} is already used by {by_id[sid]}; rename one of them",
+        )
+    by_resolved[resolved] = q
+    by_id[sid] = q
+    return None
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -505,19 +701,24 @@ def tile_batch(
     tiled and the record is ``tiling.<shard tag>.csv``, so array tasks never write the same file.
 
     Slides whose tiles file is complete, valid and made with the same settings are skipped
-    unless ``overwrite``. Raises ``OSError`` only when ``out_dir`` cannot be written.
+    unless ``overwrite``. Failure lines always go to stderr, with or without the progress bar.
+    A worker process that dies (e.g. killed for memory) fails only its own slide; the pool is
+    rebuilt for the rest. Raises ``OSError`` only when ``out_dir`` cannot be written, and
+    :class:`Terminated` (after writing the record of what finished) on SIGTERM, when
+    :func:`terminate_on_sigterm` is in force.
 
     Returns
     -------
     list of TileResult
-        One per input slide (and per duplicate or missing input), in input order.
+        One per input slide (and per duplicate, missing or skipped input), in input order.
     """
+    # Long only by its docstring and the one closure that reports each result as it lands.
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     slides, problems = collect_slides(inputs)
-    slides = shard_items(slides, shard, key=lambda p: p.stem)
+    slides = shard_items(slides, shard, key=slide_id_for)
     results: dict[Path, TileResult] = {}
     todo: list[Path] = []
     for p in slides:
@@ -534,27 +735,121 @@ def tile_batch(
         results[p] = r
         bar.update(1)
         if r.status == "failed":
-            bar.write(f"failed: {r.error}", file=sys.stderr)
+            _say(bar, progress, f"failed: {r.error}")
+        elif r.error:
+            _say(bar, progress, f"warning: {r.error}")
         if on_result is not None:
             on_result(r)
 
-    if workers <= 1 or len(todo) <= 1:
-        for p in todo:
-            finish(p, tile_slide(p, out_dir, settings))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(tile_slide, p, out_dir, settings): p for p in todo}
-            for fut in as_completed(futures):
-                p = futures[fut]
-                try:
-                    r = fut.result()
-                except Exception as exc:  # a worker died (e.g. killed for memory)
-                    r = TileResult(
-                        p.stem, str(p), "failed", error=_one_line(f"{p}: worker failed: {exc!r}")
-                    )
-                finish(p, r)
-    bar.close()
-    ordered = [results[p] for p in slides] + problems
-    record = "tiling.csv" if shard is None else f"tiling.{shard.tag}.csv"
-    write_csv_atomic([r for r in ordered if not r.duplicate], out_dir / record)
+    record = out_dir / ("tiling.csv" if shard is None else f"tiling.{shard.tag}.csv")
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for p in todo:
+                finish(p, tile_slide(p, out_dir, settings))
+        else:
+            _tile_in_pool(todo, out_dir, settings, workers, finish)
+    finally:
+        # Also on SIGTERM: the record says what finished.
+        bar.close()
+        ordered = [results[p] for p in slides if p in results] + problems
+        write_csv_atomic([r for r in ordered if not r.duplicate], record)
     return ordered
+
+
+def _say(bar, progress: bool, line: str) -> None:
+    """A line to stderr: through the bar when it is shown (so it is not overwritten)."""
+    if progress:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _tile_in_pool(
+    todo: list[Path],
+    out_dir: Path,
+    settings: TileSettings,
+    workers: int,
+    finish: Callable[[Path, TileResult], None],
+) -> None:
+    """Tile ``todo`` in ``workers`` processes; a dead worker fails only its own slide.
+
+    At most ``workers`` slides are in flight, so when a worker dies (the pool then fails every
+    running future) only those few are suspects: each is tried again alone in a fresh pool,
+    where a second death names its slide, and the rest go on in a rebuilt pool.
+    """
+    queue = list(todo)
+    while queue:
+        suspects = _run_until_broken(queue, out_dir, settings, workers, finish)
+        for p in suspects:
+            alone = _run_until_broken([p], out_dir, settings, 1, finish)
+            if alone:
+                finish(
+                    p,
+                    TileResult(
+                        slide_id_for(p),
+                        str(p),
+                        "failed",
+                        error=f"{p}: the worker process tiling it died (killed, e.g. for memory)",
+                    ),
+                )
+
+
+def _run_until_broken(
+    queue: list[Path],
+    out_dir: Path,
+    settings: TileSettings,
+    workers: int,
+    finish: Callable[[Path, TileResult], None],
+) -> list[Path]:
+    """Run slides from ``queue`` (consumed) until done or a worker dies; return the suspects."""
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+    running: dict[Future, Path] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                p = queue.pop(0)
+                running[pool.submit(tile_slide, p, out_dir, settings)] = p
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = []
+            for fut in done:
+                p = running.pop(fut)
+                try:
+                    finish(p, fut.result())
+                except BrokenProcessPool:
+                    broken.append(p)
+            if broken:
+                return broken + list(running.values())
+        return []
+    except Terminated:
+        _stop_workers(pool)
+        for p in running.values():
+            remove_leftovers(out_dir, slide_id_for(p))
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_init() -> None:
+    # A worker dies at once on SIGTERM (the parent removes its temporary files).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM every worker of ``pool`` and wait for them, so none goes on writing."""
+    # The executor has no public way to reach its processes before Python 3.14's
+    # terminate_workers(); _processes is the mapping it keeps of them.
+    procs = list(getattr(pool, "_processes", {}).values())
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+
+
+def terminate_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (``hipt tile`` installs it)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated("terminated by SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)

@@ -35,7 +35,7 @@ from hipt.synthetic import write_corrupt_tile_slide, write_generic_tiff, write_s
 from preprocessing.tiler import TileSettings, tile_slide
 
 DEPTH = (1, 1)
-TILING = TileSettings(min_tissue=0.05)
+TILING = TileSettings(min_tissue=0.05, allow_upsampling=True)  # 1 µm/px test slides
 
 
 def _encoder():
@@ -93,6 +93,8 @@ def test_files_shapes_order_and_provenance(run: dict) -> None:
         assert attrs["tiles_sha256"] == tiles_sha256(tiles)
         assert attrs["target_mpp"] == 0.5 and list(attrs["mean"]) == [0.5, 0.5, 0.5]
         assert attrs["reader"] in ("fast", "openslide") and attrs["precision"] == "fp32"
+        # 1 µm/px scans tiled at 0.5 with --allow-upsampling: the factor travels to the features.
+        assert attrs["upsample_factor"] == 2.0 and attrs["edge_fill"] == "white"
         report = inspect_file(path, check_values=True)
         assert report.valid and report.kind == "features", report.problem
     assert not list((run["root"] / "features").glob(".*"))  # no temporary file left
@@ -460,3 +462,25 @@ def test_an_empty_slide_whose_file_cannot_be_created_fails_alone(
     assert {k: r.status for k, r in status.items()} == {"x": "ok", "y": "failed", "z": "ok"}
     assert "File name too long" in status["y"].error
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["x.h5", "z.h5"]
+
+
+def test_edge_fill_of_the_tiles_is_what_the_encoder_sees(run: dict, tmp_path: Path) -> None:
+    """A region past the slide's edge is filled with the tiles' ``edge_fill`` (black here)."""
+    tiles = run["tiles"]["a"]
+    corner = (1024, 1024)  # half of this region lies past the 2048 px slide's edge
+    attrs = dict(tiles.attrs, edge_fill="black")
+    write_tiles(tmp_path / "tiles" / "a.h5", np.array([corner]), np.array([0.5]), attrs)
+    embed_tiles(
+        tmp_path / "tiles", tmp_path, random_weights=True, random_depth=DEPTH, device="cpu",
+        workers=1, progress=False,
+    )  # fmt: skip
+    with Slide(run["slides"]["a"], mpp=tiles.attrs["mpp_level0"]) as slide:
+        black = slide.read_region(*corner, 4096, 0.5, fill=0)
+        white = slide.read_region(*corner, 4096, 0.5)
+    assert black[-1, -1].tolist() == [0, 0, 0] and white[-1, -1].tolist() == [255, 255, 255]
+    encoder, _ = _encoder()
+    got = read_features(tmp_path / "features" / "a.h5")["region_features"][0]
+    for pixels, same in ((black, True), (white, False)):
+        _, region = encoder.encode(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None])
+        close = np.allclose(got, region[0].numpy(), rtol=1e-5, atol=1e-5)
+        assert close == same

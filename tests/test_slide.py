@@ -275,3 +275,37 @@ def test_mpp_x_and_y_disagreeing_warns(tmp_path):
         )
     with pytest.warns(UserWarning, match="not square"), Slide(path) as s:
         assert s.mpp_level0 == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("reader", ["openslide", "fast"])
+def test_level0_reduction_goes_strip_by_strip(svs_025, reader):
+    """A 0.25 µm/px scan read at 0.5: the same pixels as reducing the whole read, bounded memory."""
+    import tracemalloc
+
+    with Slide(svs_025.path, reader=reader) as s:
+        assert s.best_level_for(0.5) == 0
+        # y0 odd and off the tile rows: strips carry a level row from one to the next.
+        whole = s.read_level(0, 6, 1001, 4096, 4096)
+        want = np.asarray(Image.fromarray(whole).reduce(2))
+        del whole
+        out = np.zeros((2048, 2048, 3), np.uint8)
+        tracemalloc.start()
+        s.read_region(6, 1001, 2048, 0.5, out=out)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert np.array_equal(out, want)
+    # The whole 4096² level-0 square would be 48 MiB (OpenSlide's RGBA copies 3x that); a
+    # strip is at most STRIP_BYTES (OpenSlide's own copies of it come on top).
+    bound = (16 if reader == "fast" else 64) << 20
+    assert peak < bound, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_outside_the_slide_takes_the_fill(tiff_050, reader):
+    with Slide(tiff_050.path, reader=reader) as s:
+        white = s.read_region(1900, -200, 512, 0.5)
+        black = s.read_region(1900, -200, 512, 0.5, fill=0)
+        reduced = s.read_region(1900, -400, 256, 1.0, fill=0)
+    assert (black[:200] == 0).all() and (black[:, 148:] == 0).all()
+    assert np.array_equal(black[200:, :148], white[200:, :148])
+    assert (reduced[:100] == 0).all()

@@ -44,7 +44,7 @@ def job_env() -> dict[str, str]:
 
 
 def test_train_array_runs_one_fold_per_task(slurm, tmp_path):
-    from hipt.synthetic_cohort import make_subtyping_cohort
+    from hipt.synthetic.cohorts import make_subtyping_cohort
 
     work = slurm.root / "train"
     cohort = make_subtyping_cohort(work / "cohort", n_cases=24, regions=(4, 8), seed=3)

@@ -105,7 +105,7 @@ def test_synthetic_censoring_is_independent_so_kaplan_meier_finds_the_true_curve
     from lifelines import KaplanMeierFitter
     from scipy.stats import spearmanr
 
-    from hipt.synthetic_cohort import draw_survival_times
+    from hipt.synthetic.cohorts import draw_survival_times
 
     rng = np.random.default_rng(0)
     lh = 1.0 * rng.standard_normal(20000)
@@ -128,7 +128,7 @@ def test_synthetic_censoring_is_independent_so_kaplan_meier_finds_the_true_curve
 def test_synthetic_survival_cohort_keeps_the_truth_out_of_its_csv(tmp_path):
     import pandas as pd
 
-    from hipt.synthetic_cohort import make_survival_cohort
+    from hipt.synthetic.cohorts import make_survival_cohort
 
     syn = make_survival_cohort(tmp_path, n_cases=40, regions=(2, 3), n_informative=1, seed=1)
     cohort = pd.read_csv(syn.csv_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from preprocessing.tiler import (
     tile_slide,
 )
 from preprocessing.tissue import TissueMask
+
+DICOM = Path(__file__).parent / "data" / "dicom_boxes"
 
 
 def _mask(shape, ds, boxes):
@@ -182,7 +185,6 @@ def test_bad_slides_fail_with_one_line(
     cases = {
         not_a_slide: "not a slide",
         truncated_tiff: "cannot read",
-        corrupt_lowres_slide.path: "",
         no_mpp_tiff.path: "--mpp",
         suspicious_svs.path: "suspicious",
         blank_slide.path: "no tissue found",
@@ -193,6 +195,10 @@ def test_bad_slides_fail_with_one_line(
         assert str(path) in r.error and words in r.error and "\n" not in r.error
         assert not (tmp_path / "tiles" / f"{path.stem}.h5").exists()
     assert tile_slide(no_mpp_tiff.path, tmp_path, TileSettings(mpp=0.5)).status == "ok"
+    # An undecodable low-resolution level: segmented on the next finer level, with a warning.
+    r = tile_slide(corrupt_lowres_slide.path, tmp_path, TileSettings())
+    assert r.status == "ok" and r.n_regions >= 1
+    assert "level 2 cannot be decoded" in r.error and "segmenting on level 1" in r.error
     assert (
         tile_slide(suspicious_svs.path, tmp_path, TileSettings(trust_metadata=True)).status == "ok"
     )
@@ -315,3 +321,147 @@ def test_failed_redo_leaves_no_stale_outputs(corrupt_tile_slide, tmp_path):
     second = tile_batch([slide.path], out, TileSettings(verify=True), progress=False)
     assert [r.status for r in second] == ["failed"]
     assert not tiles.exists() and not qc.exists()
+
+
+# ------------------------------------------------------------------------ issue 11 / 12 points
+def _rows(path):
+    return {r["slide_id"]: r for r in csv.DictReader(open(path))}
+
+
+def test_coarser_scan_is_refused_unless_upsampling_is_allowed(tmp_path):
+    from hipt import synthetic
+
+    p = synthetic.write_generic_tiff(tmp_path / "ten_x.tiff", 2048, 2048, mpp=1.0, seed=2).path
+    r = tile_slide(p, tmp_path / "a", TileSettings())
+    assert r.status == "failed"
+    assert "1 µm/px" in r.error and "--allow-upsampling" in r.error and "2x" in r.error
+    out = tmp_path / "b"
+    [r] = tile_batch([p], out, TileSettings(allow_upsampling=True), progress=False)
+    assert r.status == "ok" and r.upsample_factor == 2.0
+    assert read_tiles(out / "tiles" / "ten_x.h5").attrs["upsample_factor"] == 2.0
+    assert _rows(out / "tiling.csv")["ten_x"]["upsample_factor"] == "2"
+    # A later run without the flag does not take the upsampled tiles as done.
+    [again] = tile_batch([p], out, TileSettings(), progress=False)
+    assert again.status == "failed"
+
+
+def test_edge_fill_is_a_recorded_setting(tiff_050, tmp_path):
+    tile_slide(tiff_050.path, tmp_path, TileSettings())
+    assert read_tiles(tmp_path / "tiles" / "tiff_050.h5").attrs["edge_fill"] == "white"
+    [r] = tile_batch([tiff_050.path], tmp_path, TileSettings(edge_fill="black"), progress=False)
+    assert r.status == "ok"  # another fill is another tiling, not a skip
+    assert read_tiles(tmp_path / "tiles" / "tiff_050.h5").attrs["edge_fill"] == "black"
+    with pytest.raises(ValueError, match="edge_fill"):
+        TileSettings(edge_fill="grey")
+
+
+def test_tiling_csv_keeps_earlier_runs_rows(tiff_050, tiny_biopsy, not_a_slide, tmp_path):
+    out = tmp_path / "out"
+    tile_batch([tiff_050.path], out, TileSettings(), progress=False)
+    tile_batch([tiny_biopsy.path], out, TileSettings(), progress=False)
+    tile_batch([not_a_slide], out, TileSettings(), progress=False)
+    rows = _rows(out / "tiling.csv")
+    assert set(rows) == {"tiff_050", "tiny_biopsy", "notes"}
+    # The latest run's row wins, one row per slide.
+    tile_batch([tiff_050.path], out, TileSettings(min_tissue=0.5), progress=False)
+    lines = list(csv.DictReader(open(out / "tiling.csv")))
+    assert [r["slide_id"] for r in lines].count("tiff_050") == 1
+    assert _rows(out / "tiling.csv")["tiff_050"]["status"] == "ok"
+    assert len(lines) == 3
+
+
+def test_slide_ids_ome_tiff_dicom_folder_and_unsafe_names(tiff_050, tmp_path):
+    from hipt.slide import slide_id_for
+
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(tiff_050.path, d / "case_7.ome.tiff")
+    shutil.copy(tiff_050.path, d / ".hidden.tiff")
+    shutil.copy(tiff_050.path, d / "..tiff")
+    dicom = d / "case_9_dicom"
+    shutil.copytree(DICOM, dicom)
+    assert slide_id_for(d / "case_7.ome.tiff") == "case_7"
+    assert slide_id_for(dicom / "boxes_0.dcm") == "case_9_dicom"
+    slides, problems = collect_slides([d, dicom / "boxes_1.dcm"])
+    assert sorted(slide_id_for(s) for s in slides) == ["case_7", "case_9_dicom"]
+    bad = {p.slide_id: p for p in problems if p.status == "failed"}
+    assert set(bad) == {".hidden", "."} and all("must not" in p.error for p in bad.values())
+    assert [p.status for p in problems if p.status == "skipped"] == ["skipped"]  # .dcm again
+    # Opened as one slide and segmented (the 16 px test pattern holds no tissue).
+    r = tile_slide(dicom, tmp_path / "out", TileSettings(mpp=0.25, target_mpp=0.5))
+    assert r.slide_id == "case_9_dicom" and r.mpp_level0 == 0.25
+    assert "no tissue found" in r.error and str(dicom) in r.error
+
+
+def test_dicom_folder_is_one_slide(tmp_path):
+    with Slide(DICOM) as s:
+        assert s.slide_id == "dicom_boxes" and s.reader_name == "openslide"
+        assert s.dimensions == (16, 16) and s.mpp_level0 == pytest.approx(0.499)
+
+
+def test_skipped_folder_entries_are_listed(tiff_050, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(tiff_050.path, d / "good.tiff")
+    (d / "folder.svs").mkdir()
+    (d / "dangling.svs").symlink_to(d / "nowhere.svs")
+    (d / "loop.tiff").symlink_to(d / "loop.tiff")
+    out = tmp_path / "out"
+    results = tile_batch([d], out, TileSettings(), progress=False)
+    status = {r.slide_id: (r.status, r.error) for r in results}
+    assert status["good"][0] == "ok"
+    assert (
+        status["folder"][0] == "not_processed"
+        and "folder named like a slide" in status["folder"][1]
+    )
+    assert "dangling symlink" in status["dangling"][1]
+    assert "symlink loop" in status["loop"][1]
+    rows = _rows(out / "tiling.csv")
+    assert {k: rows[k]["status"] for k in ("folder", "dangling", "loop")} == dict.fromkeys(
+        ("folder", "dangling", "loop"), "not_processed"
+    )
+
+
+def test_claimed_size_over_the_limit_fails_that_slide_only(tiff_050, tiny_biopsy, tmp_path):
+    out = tmp_path / "out"
+    settings = TileSettings(max_slide_px=2048 * 2048 - 1)
+    results = tile_batch([tiff_050.path, tiny_biopsy.path], out, settings, progress=False)
+    assert [r.status for r in results] == ["failed", "ok"]
+    assert "2048x2048 px" in results[0].error and "--max-slide-px" in results[0].error
+    assert set(_rows(out / "tiling.csv")) == {"tiff_050", "tiny_biopsy"}
+
+
+def test_claimed_size_impossible_for_the_file(tiff_050, tmp_path, monkeypatch):
+    import preprocessing.tiler as tiler
+
+    # A real 2048² slide of ~1 MB; a bound of 1 byte per pixel makes its claim "impossible".
+    monkeypatch.setattr(tiler, "MIN_FILE_BYTES_PER_PX", 1.0)
+    r = tile_slide(tiff_050.path, tmp_path, TileSettings())
+    assert r.status == "failed" and "cannot be this small" in r.error
+
+
+def test_rerun_removes_leftover_temporary_files(tiff_050, tmp_path):
+    out = tmp_path / "out"
+    (out / "qc").mkdir(parents=True)
+    (out / "tiles").mkdir()
+    leftovers = [out / "qc" / ".tiff_050.png.tmp-deadbeef", out / "tiles" / ".tiff_050.h5.tmp-1"]
+    for f in leftovers:
+        f.write_bytes(b"half")
+    [r] = tile_batch([tiff_050.path], out, TileSettings(), progress=False)
+    assert r.status == "ok"
+    assert not any(f.exists() for f in leftovers)
+
+
+def test_mpp_messages_name_the_real_cause(tmp_path):
+    from hipt import synthetic
+
+    # 72 dpi resolution tags: 352.8 µm/px is implausible, not missing.
+    dpi72 = synthetic.write_generic_tiff(tmp_path / "dpi72.tiff", 1024, 1024, mpp=352.8).path
+    r = tile_slide(dpi72, tmp_path / "o", TileSettings())
+    assert r.status == "failed" and "implausible" in r.error and "352.8" in r.error
+    assert "--mpp" in r.error
+    # SVS MPP = 0: the objective power is used, with a warning saying why.
+    zero = synthetic.write_svs(tmp_path / "zero.svs", 2048, 2048, mpp=0.25, description_mpp=0)
+    r = tile_slide(zero.path, tmp_path / "o", TileSettings())
+    assert r.status == "ok" and r.mpp_source == "openslide.objective-power"
+    assert "objective power" in r.error and "mpp-x = 0" in r.error

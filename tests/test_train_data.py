@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hipt.synthetic_cohort import make_subtyping_cohort, make_survival_cohort
+from hipt.synthetic.cohorts import make_subtyping_cohort, make_survival_cohort
 from train.data import BagStore, CohortError, case_strata, load_cohort
 
 
@@ -145,7 +145,7 @@ def test_mismatched_feature_size_is_reported(sub, tmp_path):
     import shutil
 
     from hipt.h5schema import FeaturesWriter
-    from hipt.synthetic_cohort import _attrs
+    from hipt.synthetic.cohorts import _attrs
 
     feats = tmp_path / "features"
     shutil.copytree(sub.features_dir, feats)
@@ -205,7 +205,7 @@ def test_slides_of_a_case_compared_by_value_not_spelling(tmp_path):
     with h5py.File(syn.features_dir / f"{rows[1]['slide_id']}.h5", "r") as f:
         region = f["region_features"][()]
     from hipt.h5schema import FeaturesWriter
-    from hipt.synthetic_cohort import _attrs
+    from hipt.synthetic.cohorts import _attrs
 
     coords = np.zeros((len(region), 2), np.int64)
     coords[:, 0] = np.arange(len(region)) * 8192

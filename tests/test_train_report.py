@@ -18,7 +18,7 @@ from lifelines.statistics import logrank_test
 from lifelines.utils import concordance_index
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from hipt.synthetic_cohort import make_subtyping_cohort, make_survival_cohort
+from hipt.synthetic.cohorts import make_subtyping_cohort, make_survival_cohort
 from train.cli import run
 from train.config import default_config, merge, validate
 from train.data import BagStore, load_cohort

@@ -14,7 +14,7 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from hipt.synthetic_cohort import make_subtyping_cohort
+from hipt.synthetic.cohorts import make_subtyping_cohort
 from train.cli import add_arguments, resolve_config, run
 from train.config import default_config, merge, validate
 from train.data import BagStore, case_strata, load_cohort

@@ -14,7 +14,7 @@ from lifelines.datasets import load_rossi
 from lifelines.utils import concordance_index
 
 from hipt.h5schema import FeaturesWriter
-from hipt.synthetic_cohort import make_survival_cohort
+from hipt.synthetic.cohorts import make_survival_cohort
 from train.cli import run
 from train.config import default_config, merge, validate
 from train.data import BagStore, case_strata, load_cohort

@@ -7,7 +7,7 @@ cache keeps bags after the first read (small cohorts, many epochs).
 Examples
 --------
 >>> import tempfile
->>> from hipt.synthetic_cohort import make_subtyping_cohort
+>>> from hipt.synthetic.cohorts import make_subtyping_cohort
 >>> c = make_subtyping_cohort(tempfile.mkdtemp(), n_cases=4, regions=(3, 5), seed=0)
 >>> cohort = load_cohort(c.csv_path, c.features_dir, task="subtype")
 >>> store = BagStore(cohort, "region_features")

@@ -60,6 +60,7 @@ class SlideJob:
     target_mpp: float = 0.5
     mpp_level0: float | None = None
     region_px: int = REGION_PX
+    fill: int = 255  # grey value past the slide's edge: the tiles' edge_fill (EDGE_FILLS)
 
     @property
     def n_regions(self) -> int:
@@ -223,7 +224,9 @@ class RegionDataset(Dataset):
         self._reset_if_forked()
         spec = self.jobs[job]
         x0, y0 = (int(v) for v in spec.coords[row])
-        pixels = self._slide(job).read_region(x0, y0, spec.region_px, spec.target_mpp, out=out)
+        pixels = self._slide(job).read_region(
+            x0, y0, spec.region_px, spec.target_mpp, out=out, fill=spec.fill
+        )
         want = (spec.region_px, spec.region_px, 3)
         if pixels.shape != want or pixels.dtype != np.uint8:
             raise ValueError(

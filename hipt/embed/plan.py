@@ -23,6 +23,7 @@ from hipt.embed.reuse import check_features, features_attrs, tiles_sha256
 from hipt.geometry import REGION_PX
 from hipt.h5schema import SchemaError, Tiles, read_tiles
 from hipt.names import check_name
+from hipt.readers.base import EDGE_FILLS
 from hipt.runlock import ItemLock
 
 __all__ = [
@@ -253,5 +254,6 @@ def _locked_job(
         target_mpp=float(tiling.attrs["target_mpp"]),
         mpp_level0=float(tiling.attrs["mpp_level0"]),
         region_px=int(tiling.attrs["region_size"]),
+        fill=EDGE_FILLS[str(tiling.attrs.get("edge_fill", "white"))],
     )
     return EmbedJob(job, expected, target, lock)

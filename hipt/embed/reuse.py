@@ -115,6 +115,9 @@ def features_attrs(
         "random_depth": str(provenance.get("random_depth", "12,6")) if random else "",
         "reader": reader,
         "precision": precision,
+        # > 1 when the tiler was allowed to upsample a coarser scan (--allow-upsampling).
+        "upsample_factor": float(tiles.attrs.get("upsample_factor", 1.0)),
+        "edge_fill": str(tiles.attrs.get("edge_fill", "white")),
     }
 
 

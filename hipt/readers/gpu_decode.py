@@ -83,7 +83,10 @@ class GpuTileDecoder:
         self.device = torch.device(device)
 
     def read_level(self, level: int, x0: int, y0: int, width: int, height: int):
-        """uint8 tensor ``[3, height, width]`` on the device; same pixels as ``reader.read_level``.
+        """uint8 tensor ``[3, height, width]`` on the device; same pixels as ``reader.read_level``
+        where the corner falls on a whole level pixel (always at level 0). A sub-pixel corner
+        (level > 0 of an odd-sized pyramid) is snapped to the nearest level pixel here, not
+        interpolated as the CPU readers do; outside the slide is white.
 
         Raises
         ------

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hipt.readers.base import SlideReadError, check_out
+from hipt.readers.base import WHITE, SlideReadError, check_out
 
 
-def _rgba_on_white(rgba: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Composite an RGBA array onto white; OpenSlide leaves pixels outside the slide transparent.
+def _rgba_on(rgba: np.ndarray, fill: int = WHITE, out: np.ndarray | None = None) -> np.ndarray:
+    """Composite an RGBA array onto grey ``fill``; OpenSlide leaves outside pixels transparent.
 
     The RGB result goes to ``out`` when given (uint8, ``rgba``'s height and width, 3 channels).
     """
@@ -25,11 +25,12 @@ def _rgba_on_white(rgba: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
         return rgb
     # Most non-opaque pixels are fully transparent (outside the slide): set those directly and
     # blend only the few partly transparent ones.
-    rgb[alpha == 0] = 255
+    rgb[alpha == 0] = fill
     part = (alpha != 0) & (alpha != 255)
     if part.any():
+        # OpenSlide returns straight (not premultiplied) alpha: blend each colour with the fill.
         a = alpha[part][:, None].astype(np.uint16)
-        rgb[part] = ((rgb[part].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(
+        rgb[part] = ((rgb[part].astype(np.uint16) * a + fill * (255 - a) + 127) // 255).astype(
             np.uint8
         )
     return rgb
@@ -52,6 +53,8 @@ def _unsupported_reason(path: Path) -> str:
 class OpenSlideReader:
     """A :class:`~hipt.readers.base.LevelReader` over ``openslide.OpenSlide``.
 
+    Implements the protocol's contract (it is OpenSlide's own convention).
+
     Every failure becomes a :class:`SlideReadError` whose message names the file.
 
     Examples
@@ -73,12 +76,17 @@ class OpenSlideReader:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideReadError(f"{self.path}: no such file")
+        target = self.path
         if self.path.is_dir() and self.path.suffix.lower() != ".mrxs":
-            raise SlideReadError(f"{self.path}: is a folder, not a slide")
+            # A DICOM whole-slide image is a folder of instances; OpenSlide opens it from any one.
+            instances = sorted(q for q in self.path.glob("*") if q.suffix.lower() == ".dcm")
+            if not instances:
+                raise SlideReadError(f"{self.path}: is a folder, not a slide")
+            target = instances[0]
         try:
-            self._slide = openslide.OpenSlide(str(self.path))
+            self._slide = openslide.OpenSlide(str(target))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideReadError(f"{self.path}: {_unsupported_reason(self.path)}") from None
+            raise SlideReadError(f"{self.path}: {_unsupported_reason(target)}") from None
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             raise SlideReadError(f"{self.path}: OpenSlide cannot open it ({exc})") from None
         try:
@@ -102,11 +110,9 @@ class OpenSlideReader:
         height: int,
         *,
         out: np.ndarray | None = None,
+        fill: int = WHITE,
     ) -> np.ndarray:
-        """RGB uint8 ``[height, width, 3]`` of ``level`` with top-left at level-0 ``(x0, y0)``.
-
-        ``out``, if given, is a writable uint8 ``[height, width, 3]`` array filled and returned.
-        """
+        """See :meth:`hipt.readers.base.LevelReader.read_level` (OpenSlide defines it)."""
         import openslide
 
         check_out(out, width, height)
@@ -121,7 +127,7 @@ class OpenSlideReader:
                 f"{self.path}: cannot read level {level} at level-0 ({x0}, {y0}), "
                 f"{width}x{height} px: {exc}"
             ) from None
-        return _rgba_on_white(np.asarray(img), out)
+        return _rgba_on(np.asarray(img), int(fill), out)
 
     def close(self) -> None:
         """Release the OpenSlide handle (safe to call twice)."""

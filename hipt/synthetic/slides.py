@@ -570,6 +570,66 @@ def write_corrupt_tile_slide(
     return slide, xy
 
 
+def write_huge_claim_tiff(
+    path: str | os.PathLike, width_px: int = 300_000, height_px: int = 300_000, tile_px: int = 512
+) -> Path:
+    """A tiled JPEG TIFF whose header claims ``width_px`` × ``height_px`` but holds one tile.
+
+    Every entry of its tile table points at the same small JPEG tile, so OpenSlide opens it
+    as a generic TIFF of the claimed size while the file stays a few MB: the shape of a
+    damaged or forged header, for memory-bound tests. No µm/px is recorded.
+    """
+    import struct
+
+    import imagecodecs
+
+    path = Path(path)
+    tile = np.full((tile_px, tile_px, 3), 240, np.uint8)
+    data = imagecodecs.jpeg8_encode(tile, level=90, colorspace="RGB", outcolorspace="RGB")
+    n_tiles = -(-width_px // tile_px) * -(-height_px // tile_px)
+    entries = [  # (tag, type, count, value or bytes); types 3 SHORT, 4 LONG, 7 UNDEFINED
+        (256, 4, 1, width_px),
+        (257, 4, 1, height_px),
+        (258, 3, 3, struct.pack("<3H", 8, 8, 8)),
+        (259, 3, 1, 7),  # JPEG
+        (262, 3, 1, 2),  # RGB
+        (277, 3, 1, 3),
+        (284, 3, 1, 1),
+        (322, 3, 1, tile_px),
+        (323, 3, 1, tile_px),
+        (324, 4, n_tiles, None),  # TileOffsets, filled below
+        (325, 4, n_tiles, struct.pack(f"<{n_tiles}I", *([len(data)] * n_tiles))),
+    ]
+    ifd_at = 8
+    ifd_size = 2 + 12 * len(entries) + 4
+    blob_at = ifd_at + ifd_size
+    tile_at = blob_at
+    blobs = b""
+    fields = []
+    # The tile bytes first, then each out-of-line value; offsets follow from the order.
+    blobs += data
+    offsets = struct.pack(f"<{n_tiles}I", *([tile_at] * n_tiles))
+    for tag, typ, count, value in entries:
+        if tag == 324:
+            value = offsets
+        if isinstance(value, bytes) and len(value) > 4:
+            fields.append((tag, typ, count, struct.pack("<I", blob_at + len(blobs))))
+            blobs += value
+        elif isinstance(value, bytes):
+            fields.append((tag, typ, count, value.ljust(4, b"\0")))
+        else:
+            packed = struct.pack("<H", value) + b"\0\0" if typ == 3 else struct.pack("<I", value)
+            fields.append((tag, typ, count, packed))
+    with open(path, "wb") as fh:
+        fh.write(b"II*\0" + struct.pack("<I", ifd_at))
+        fh.write(struct.pack("<H", len(fields)))
+        for tag, typ, count, value in fields:
+            fh.write(struct.pack("<HHI", tag, typ, count) + value)
+        fh.write(struct.pack("<I", 0))
+        fh.write(blobs)
+    return path
+
+
 def write_demo_slides(folder: str | os.PathLike, *, seed: int = 0) -> list[Path]:
     """A small folder of good slides for the demo: one SVS, two TIFFs (one with pen marks)."""
     folder = Path(folder)

@@ -335,11 +335,11 @@ def make_survival_cohort(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hipt.synthetic_cohort {subtype,survival} OUT [--cases N] [--seed S]``."""
+    """``python -m hipt.synthetic.cohorts {subtype,survival} OUT [--cases N] [--seed S]``."""
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m hipt.synthetic_cohort", description=__doc__.split("\n")[0]
+        prog="python -m hipt.synthetic.cohorts", description=__doc__.split("\n")[0]
     )
     p.add_argument("task", choices=["subtype", "survival"])
     p.add_argument("out", help="folder for cohort.csv and features/")
