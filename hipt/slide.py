@@ -28,19 +28,6 @@ STRIP_BYTES = 8 << 20
 NO_PYRAMID_WARN_PX = 1024
 
 
-try:  # the shared name rule; until it lands, the same rule here
-    from hipt.names import check_name
-except ImportError:  # pragma: no cover - replaced by hipt.names on merge
-
-    def check_name(value: str, what: str) -> str:
-        if not value or "/" in value or "\\" in value or ".." in value or value.startswith("."):
-            raise ValueError(
-                f"{what} {value!r}: a name that becomes a file or folder name must not contain "
-                "'/', '\\', '..' or start with '.'"
-            )
-        return value
-
-
 # Multi-part suffixes that are one format (OME-TIFF): ``x.ome.tiff`` is slide ``x``.
 MULTI_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf")
 

@@ -33,10 +33,11 @@ import hipt
 from hipt.atomic import atomic_path, write_text_atomic
 from hipt.geometry import PATCH_PX, REGION_PX, TOKEN_PX
 from hipt.h5schema import SchemaError, read_tiles, write_tiles
+from hipt.names import check_name
 from hipt.readers import SlideReadError
 from hipt.readers.base import EDGE_FILLS
 from hipt.shard import Shard, shard_items
-from hipt.slide import Slide, check_name, dicom_instances, slide_id_for
+from hipt.slide import Slide, dicom_instances, slide_id_for
 from preprocessing.tissue import SegmentationParams, TissueMask, segment_tissue
 
 # Suffixes picked up when a folder is given. A DICOM slide is a folder of .dcm instances: the
