@@ -201,8 +201,9 @@ class ViewerApp:
         url = urlsplit(raw_url)
         query = parse_qs(url.query, keep_blank_values=True)
         parts = split_path(url.path)
-        if not parts:
-            return self._file(self.static_dir, ["index.html"], query)
+        if not parts:  # the page; ?slide=ID opens one slide, read by the page itself
+            _check_query(query, {"slide"})
+            return self._file(self.static_dir, ["index.html"], {})
         head, rest = parts[0], parts[1:]
         if head == "static":
             return self._file(self.static_dir, rest, query)

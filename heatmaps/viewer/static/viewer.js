@@ -234,6 +234,7 @@ async function showSlide(slideId, cohortSize) {
     // The canvas drawer: with WebGL on a machine without a GPU (software GL, headless browsers)
     // OpenSeadragon 6 left some tiles loading forever.
     drawer: "canvas",
+    autoHideControls: false,
   });
   window.hipt.viewer = viewer;
   viewer.addHandler("tile-load-failed", (e) => window.hipt.failed.push(`${e.tile.getUrl()}: ${e.message}`));
