@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import sys
 import threading
@@ -84,8 +85,15 @@ class Response:
 
 
 def find_openseadragon() -> Path | None:
-    """The folder of the npm-installed OpenSeadragon build (``make setup`` puts it there)."""
-    for base in (VIEWER_DIR, VIEWER_DIR.parents[1]):
+    """The folder of the npm-installed OpenSeadragon build (``make setup`` puts it there).
+
+    ``HIPT_OPENSEADRAGON_DIR`` names another ``node_modules``' parent folder (for installs made
+    without the source tree).
+    """
+    bases = [VIEWER_DIR, VIEWER_DIR.parents[1]]
+    if os.environ.get("HIPT_OPENSEADRAGON_DIR"):
+        bases.insert(0, Path(os.environ["HIPT_OPENSEADRAGON_DIR"]))
+    for base in bases:
         d = base / OSD_SUBDIR
         if (d / "openseadragon.min.js").is_file():
             return d
