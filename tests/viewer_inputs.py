@@ -166,10 +166,11 @@ def planted_heatmap(
     for (col, row), value in scored.items():
         ys = slice(row * per_region, (row + 1) * per_region)
         xs = slice(col * per_region, (col + 1) * per_region)
-        volume[0, ys, xs] = value
+        block = volume[:, ys, xs]  # a view; regions at the slide's edge are cut off
         patch_cols = np.repeat(np.linspace(0, 1, 16, dtype=np.float32), 16)
-        volume[1, ys, xs] = patch_cols[None, :]
-        volume[2, ys, xs] = value
+        block[0] = value
+        block[1] = patch_cols[None, : block.shape[2]]
+        block[2] = value
     out = folder / slide_id
     out.mkdir(parents=True, exist_ok=True)
     write_attention_zarr(out / "attention.ome.zarr", volume, token_l0, mpp_level0)

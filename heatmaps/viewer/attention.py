@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,17 @@ class HeatmapFormatError(ValueError):
     """The heatmap files break the format; the message names the file and what is wrong."""
 
 
-@dataclass(frozen=True)
+# A resolution whose one channel is at most this big is read once and kept in memory: a zarr read
+# costs milliseconds per call, and the coarse levels serve every zoomed-out tile.
+IN_MEMORY_BYTES = 32 << 20
+
+
+@dataclass
 class _Resolution:
     array: object  # a zarr array
     scale_um: tuple[float, float]  # (y, x) pixel size
     offset_um: tuple[float, float]  # (y, x) translation
+    in_memory: dict = field(default_factory=dict)  # channel -> ndarray, for small resolutions
 
 
 def _ngff_attrs(group, path: Path) -> dict:
@@ -86,6 +93,7 @@ class AttentionPyramid:
             if name not in axes:
                 raise HeatmapFormatError(f"{self.path}: axes {axes} lack {name!r}")
         self._axes = axes
+        self._lock = threading.Lock()
         self.mpp_level0 = float(mpp_level0)
         top_scale, top_offset = _transform(ms.get("coordinateTransformations"), axes, str(path))
         self._levels: list[_Resolution] = []
@@ -159,14 +167,35 @@ class AttentionPyramid:
             return out
         x0, x1 = int(ix[ok_x].min()), int(ix[ok_x].max()) + 1
         y0, y1 = int(iy[ok_y].min()), int(iy[ok_y].max()) + 1
-        selection = [0] * len(axes)
-        selection[axes.index("c")] = channel
-        selection[iy_ax], selection[ix_ax] = slice(y0, y1), slice(x0, x1)
-        window = np.asarray(res.array[tuple(selection)], dtype=np.float32)
-        if iy_ax > ix_ax:  # an (x, y) axis order: make the window row-major in y
-            window = window.T
+        window = self._plane(res, channel)
+        if window is not None:
+            window = window[y0:y1, x0:x1]
+        else:
+            window = self._read(res, channel, slice(y0, y1), slice(x0, x1))
         out[np.ix_(ok_y, ok_x)] = window[np.ix_(iy[ok_y] - y0, ix[ok_x] - x0)]
         return out
+
+    def _read(self, res: _Resolution, channel: int, ys: slice, xs: slice) -> np.ndarray:
+        """A float32 ``[y, x]`` window of one channel from the zarr array."""
+        axes = self._axes
+        selection = [0] * len(axes)
+        selection[axes.index("c")] = channel
+        selection[axes.index("y")], selection[axes.index("x")] = ys, xs
+        window = np.asarray(res.array[tuple(selection)], dtype=np.float32)
+        if axes.index("y") > axes.index("x"):  # an (x, y) axis order: make it row-major in y
+            window = window.T
+        return window
+
+    def _plane(self, res: _Resolution, channel: int) -> np.ndarray | None:
+        """The whole channel of a small resolution, read on first use; None for large ones."""
+        shape = res.array.shape
+        h, w = shape[self._axes.index("y")], shape[self._axes.index("x")]
+        if h * w * 4 > IN_MEMORY_BYTES:
+            return None
+        with self._lock:
+            if channel not in res.in_memory:
+                res.in_memory[channel] = self._read(res, channel, slice(0, h), slice(0, w))
+            return res.in_memory[channel]
 
     def value_at(self, channel: int, x: float, y: float) -> float | None:
         """The finest attention value of ``channel`` at level-0 ``(x, y)``; None where unscored."""
@@ -207,12 +236,10 @@ class RegionIndex:
     """
 
     def __init__(self, collection: dict, source: str) -> None:
-        from matplotlib.path import Path as PolygonPath
-
         if not isinstance(collection, dict) or collection.get("type") != "FeatureCollection":
             raise HeatmapFormatError(f"{source}: not a GeoJSON FeatureCollection")
         self._features: list[dict] = []
-        self._paths = []
+        self._rings: list[np.ndarray] = []
         boxes = []
         for i, feature in enumerate(collection.get("features") or []):
             geom = (feature or {}).get("geometry") or {}
@@ -231,7 +258,7 @@ class RegionIndex:
                     "bbox": [float(v) for v in (*ring.min(0), *ring.max(0))],
                 }
             )
-            self._paths.append(PolygonPath(ring))
+            self._rings.append(ring)
             boxes.append((*ring.min(0), *ring.max(0)))
         self._boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         self._areas = (self._boxes[:, 2] - self._boxes[:, 0]) * (
@@ -257,9 +284,11 @@ class RegionIndex:
 
     def region_at(self, x: float, y: float) -> dict | None:
         """The largest polygon containing ``(x, y)`` with its top patches, or None."""
+        from matplotlib.path import Path as PolygonPath
+
         in_box = self._containing(x, y)
         # A point on a polygon's edge may test outside; the bounding box then decides.
-        hits = [i for i in in_box if self._paths[i].contains_point((x, y))] or in_box
+        hits = [i for i in in_box if PolygonPath(self._rings[i]).contains_point((x, y))] or in_box
         if not hits:
             return None
         region = max(hits, key=lambda i: self._areas[i])

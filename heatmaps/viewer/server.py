@@ -197,6 +197,11 @@ class ViewerApp:
         self.static_dir = Path(static_dir).resolve()
         found = osd_dir if osd_dir is not None else find_openseadragon()
         self.osd_dir = Path(found).resolve() if found is not None else None
+        # Imports that take up to a second, paid at start-up rather than by the first page.
+        import hipt.readers.tiff_jpeg  # noqa: F401
+
+        if any(e.zarr_path is not None for e in catalogue.slides.values()):
+            import zarr  # noqa: F401
         self._max_open = int(max_open_slides)
         self._open: dict[str, tuple[SlideTiles, AttentionPyramid | None, str | None]] = {}
         self._regions: dict[str, RegionIndex | None] = {}
@@ -353,7 +358,6 @@ class ViewerApp:
                 }
                 for i, label in enumerate(pyramid.channels)
             ]
-        regions = self._region_index(entry)
         return {
             "slide_id": sid,
             "width": tiles.dimensions[0],
@@ -367,7 +371,7 @@ class ViewerApp:
             "overlays": overlays,
             "overlay_error": overlay_error,
             "cmap": self.cmap,
-            "regions": 0 if regions is None else len(regions),
+            "regions": entry.geojson_path is not None,  # read on the first region query
             "info": entry.info,
             "heatmap": self.catalogue.heatmap_meta(entry),
         }
@@ -467,6 +471,9 @@ def _is_loopback(host: str) -> bool:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "hipt-view"
     protocol_version = "HTTP/1.1"  # keep-alive: a screen of tiles over a few connections
+    # Headers and body go out in two writes; with Nagle's algorithm the second waits for the
+    # client's delayed ACK (40 ms per tile here).
+    disable_nagle_algorithm = True
     app: ViewerApp
     verbose = False
     host_guard = True

@@ -195,13 +195,16 @@ def colorize(values: np.ndarray, lut: np.ndarray, threshold: float = 0.0) -> np.
     >>> colorize(np.array([[0.0, 1.0, np.nan]]), lut)[0].tolist()
     [[0, 0, 0, 255], [255, 255, 255, 255], [0, 0, 0, 0]]
     """
-    valid = np.isfinite(values)
-    shown = valid & (np.where(valid, values, -1.0) >= threshold)
-    index = np.round(np.clip(np.where(valid, values, 0.0), 0.0, 1.0) * 255).astype(np.intp)
-    out = np.zeros((*values.shape, 4), dtype=np.uint8)
-    out[..., :3] = lut[index]
-    out[..., 3] = np.where(shown, 255, 0)
-    return out
+    # One gather through a 257-entry RGBA table (entry 256: transparent) as 32-bit words.
+    table = np.zeros((257, 4), dtype=np.uint8)
+    table[:256, :3] = lut
+    table[:256, 3] = 255
+    with np.errstate(invalid="ignore"):
+        index = np.round(np.clip(values, 0.0, 1.0) * 255)
+        hidden = ~(values >= threshold)  # NaN compares False, so it is hidden too
+    index[hidden] = 256
+    words = table.view(np.uint32)[:, 0][index.astype(np.intp)]
+    return words.view(np.uint8).reshape(*values.shape, 4)
 
 
 # ------------------------------------------------------------------------------ cache

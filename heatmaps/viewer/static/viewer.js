@@ -235,6 +235,7 @@ async function showSlide(slideId, cohortSize) {
     // OpenSeadragon 6 left some tiles loading forever.
     drawer: "canvas",
     autoHideControls: false,
+    maxTilesPerFrame: 16,  // the default (1) paces a screen of cached tiles over seconds
   });
   window.hipt.viewer = viewer;
   viewer.addHandler("tile-load-failed", (e) => window.hipt.failed.push(`${e.tile.getUrl()}: ${e.message}`));
