@@ -316,7 +316,7 @@ def _render_into(
                         passes=cfg.smoothing.passes,
                         want_tokens=want_tokens,
                     )
-                    if encoder is not None
+                    if encoder is not None and (want_tokens or cfg.smoothing.passes > 1)
                     else _plain_region(
                         slide, i, tuple(scores.coords[i]), target_mpp, cfg.region_png_px
                     )

@@ -51,7 +51,7 @@ def weights(planted):
 
 @pytest.fixture(scope="module")
 def rendered(planted, weights):
-    """One full render (all levels, top-1 region) through the real CLI."""
+    """One full render (all levels, top-1 region, two smoothing passes) through the real CLI."""
     out = planted.root / "heatmaps"
     p = hipt_heatmap(
         "--run",
@@ -61,6 +61,10 @@ def rendered(planted, weights):
         *weights,
         "--top-k",
         1,
+        "--set",
+        "smoothing.passes=2",
+        "--set",
+        "thumbnail_px=1024",
         "--out",
         out,
     )
@@ -223,25 +227,25 @@ def test_top_region_token_map_peaks_on_planted_token(rendered, planted):
         )
         assert head.max() > 0.5  # the black token takes most of its patch's attention
     assert (patch_raw.argmax(1) == planted.planted_patch).all()
+    # Two passes, the second read 136 px (at 0.5 µm/px) right and down. Had it reused the first
+    # pass's pixels (the original's bug), its peak would sit 34 map px off the planted token.
+    rec = json.loads((rendered / "heatmap.json").read_text())
+    assert rec["top_regions"][0]["shifts_px"] == [0, 136]
+    mean = tokens.mean(0)
+    row, col = np.unravel_index(np.argmax(mean), mean.shape)
+    assert mean[row + 34, col + 34] < 0.2 * mean[row, col]
     png = np.asarray(Image.open(rendered / "top_regions" / "rank1.png"))
     assert png.shape[1] > 3 * 1024  # plain, patch and token panels side by side
 
 
-def test_rerun_with_same_inputs_skips(rendered, planted, weights):
+def test_rerun_with_same_inputs_skips(rendered, planted, weights, capsys):
+    from hipt.cli import main
+
     before = (rendered / "heatmap.json").stat().st_mtime_ns
-    p = hipt_heatmap(
-        "--run",
-        planted.fold_dir,
-        "--features",
-        planted.features_path,
-        *weights,
-        "--top-k",
-        1,
-        "--out",
-        rendered.parent,
-    )
-    assert p.returncode == 0, p.stderr
-    assert "0 rendered, 1 skipped" in p.stderr
+    args = ["--run", planted.fold_dir, "--features", planted.features_path, *weights, "--top-k", 1]
+    args += ["--set", "smoothing.passes=2", "--set", "thumbnail_px=1024", "--out", rendered.parent]
+    assert main(["heatmap", *map(str, args)]) == 0
+    assert "0 rendered, 1 skipped" in capsys.readouterr().err
     assert (rendered / "heatmap.json").stat().st_mtime_ns == before
     rows = (rendered.parent / "heatmaps.csv").read_text().splitlines()
     assert rows[1].startswith("planted,skipped")
