@@ -71,8 +71,12 @@ def load_config(
         lines = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            lines.append(f"{key} = {err.get('input')!r}: {msg}")
+            if err["type"] == "value_error":  # the schema's own message names key and value
+                lines.append(str(err["msg"]).removeprefix("Value error, "))
+            elif err["type"] == "extra_forbidden":
+                lines.append(f"{key}: unknown key")
+            else:
+                lines.append(f"{key} = {err.get('input')!r}: {err['msg']}")
         raise ConfigError("invalid config: " + "\n  ".join(lines)) from None
 
 

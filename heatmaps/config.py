@@ -84,7 +84,7 @@ class HeatmapConfig(ConfigModel):
     @classmethod
     def _known_unique_levels(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError(f"name at least one of {', '.join(LEVELS)}")
+            raise ValueError(f"levels = {value!r}: name at least one of {', '.join(LEVELS)}")
         return [lv for lv in LEVELS if lv in value]  # coarse to fine, duplicates dropped
 
     @field_validator("colormap")
@@ -93,14 +93,18 @@ class HeatmapConfig(ConfigModel):
         import matplotlib
 
         if value not in matplotlib.colormaps:
-            raise ValueError(f"unknown colormap {value!r} (any matplotlib name, e.g. turbo, jet)")
+            raise ValueError(
+                f"colormap = {value!r}: not a matplotlib colormap (e.g. turbo, jet, viridis)"
+            )
         return value
 
     @field_validator("region_png_px")
     @classmethod
     def _divides_region(cls, value: int) -> int:
         if 4096 % value:
-            raise ValueError("must divide 4096 (256, 512, 1024, 2048 or 4096)")
+            raise ValueError(
+                f"region_png_px = {value!r}: must divide 4096 (256, 512, 1024, 2048 or 4096)"
+            )
         return value
 
 

@@ -278,6 +278,7 @@ def _render_into(
     say,
 ) -> dict[str, Any]:
     info = job.info
+    clock = _Clock()
     want_tokens = "token" in cfg.levels and cfg.top_k > 0
     scores = score_slide(
         info,
@@ -300,6 +301,7 @@ def _render_into(
                 f"{info.attrs['mpp_level0']} (another scan?)"
             )
         region_vit = getattr(fold.model, "local_vit", None) or (encoder.vit4k if encoder else None)
+        clock.lap("score")
         top_maps = []
         if scores.top and (want_tokens or "region" in cfg.levels):
             for r, i in enumerate(scores.top):
@@ -321,6 +323,7 @@ def _render_into(
                         slide, i, tuple(scores.coords[i]), target_mpp, cfg.region_png_px
                     )
                 )
+        clock.lap("top_regions")
         patches, tokens = _ranked_top_maps(scores, top_maps, cfg)
         token_mean = {m.index: t[0] for m, t in zip(top_maps, tokens, strict=True) if t is not None}
         outputs = {}
@@ -339,6 +342,7 @@ def _render_into(
             )
         else:
             Image.new("RGB", (1, 1), "white").save(folder / "slide.png")
+        clock.lap("slide_png")
         (folder / "top_regions").mkdir()
         for r, (m, p, t) in enumerate(zip(top_maps, patches, tokens, strict=True)):
             x, y = scores.coords[m.index]
@@ -353,12 +357,15 @@ def _render_into(
                 heads=cfg.heads,
                 caption=f"rank {r + 1}: region {m.index} at ({x}, {y})",
             )
+        clock.lap("top_regions_png")
         outputs["zarr"] = _write_zarr(
             folder / "attention.ome.zarr", scores, token_mean, cfg, slide, target_mpp
         )
+        clock.lap("zarr")
         outputs["geojson_features"] = _write_geojson(
             folder / "attention.geojson", scores, token_mean, slide, cfg
         )
+        clock.lap("geojson")
         _write_scores(folder / "scores.h5", scores, top_maps, want_tokens)
         slide_info = {
             "path": str(job.slide_path),
@@ -402,9 +409,23 @@ def _render_into(
             for r, i in enumerate(scores.top)
         ],
         "outputs": outputs,
+        "timings_s": {k: round(v, 3) for k, v in clock.laps.items()},
         "config": config_dict(cfg),
         "hipt_version": __version__,
     }
+
+
+class _Clock:
+    """Seconds per phase, for the record and the benchmark."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.t
+        self.t = now
 
 
 def _plain_region(slide: Slide, index: int, xy: tuple[int, int], target_mpp: float, out_px: int):

@@ -153,11 +153,11 @@ def _planted_vit(name: str, dark: bool) -> dict[str, torch.Tensor]:
 
 
 def _write_slide(
-    root: Path, slide_id: str, size: tuple[int, int], mpp: float, square_um, seed: int
+    root: Path, slide_id: str, size: tuple[int, int], mpp: float, square_um, seed: int, **model_kw
 ):
     (root / "slides").mkdir(parents=True, exist_ok=True)
     model = PlantedTissue(
-        width_um=size[0] * mpp, height_um=size[1] * mpp, seed=seed, square_um=square_um
+        width_um=size[0] * mpp, height_um=size[1] * mpp, seed=seed, square_um=square_um, **model_kw
     )
     return write_generic_tiff(
         root / "slides" / f"{slide_id}.tiff",
@@ -182,10 +182,12 @@ def make_planted_run(
     slide_id: str = "planted",
     seed: int = 0,
     slide_size: tuple[int, int] | None = None,
+    **model_kw,
 ) -> PlantedRun:
     """Write a planted slide, tiles, features and a fold folder under ``root`` (see module doc).
 
     ``grid`` is regions across and down (all of them tiled); ``slide_size`` defaults to the grid.
+    Extra keywords go to the tissue model (e.g. ``nuclei=False`` for quick huge slides).
     """
     root = Path(root)
     side = REGION_PX * target_mpp / mpp_level0
@@ -201,7 +203,7 @@ def make_planted_run(
     tok_um = TOKEN_PX * target_mpp
     sx = x * mpp_level0 + (pc * PATCH_PX + tc * TOKEN_PX) * target_mpp
     sy = y * mpp_level0 + (pr * PATCH_PX + tr * TOKEN_PX) * target_mpp
-    slide_path = _write_slide(root, slide_id, size, mpp_level0, (sx, sy, tok_um), seed)
+    slide_path = _write_slide(root, slide_id, size, mpp_level0, (sx, sy, tok_um), seed, **model_kw)
 
     tiles_path = write_tiles(
         root / "tiles" / f"{slide_id}.h5",
