@@ -157,14 +157,63 @@ def _needs_encoder(fold: TrainedFold, cfg: HeatmapConfig) -> bool:
     return tokens or patches or cfg.smoothing.passes > 1
 
 
-def run_heatmaps(args: argparse.Namespace, cfg: HeatmapConfig) -> int:
-    """Render every requested slide; 0 if all ok or skipped, 1 if any failed, 2 on bad input."""
+def _one_slide(
+    path: Path,
+    args: argparse.Namespace,
+    fold: TrainedFold,
+    cfg: HeatmapConfig,
+    encoders: dict[tuple, object],
+    say,
+) -> SlideRecord:
+    """Check, skip or render one features file; never raises (a failure is a record)."""
+    from heatmaps.pipeline import SlideJob, features_sha256, fingerprint, is_rendered, render_slide
+
     try:
         from hipt.names import check_name
     except ImportError:  # until the shared names module lands
         from heatmaps._config_fallback import check_name
-    from heatmaps.pipeline import SlideJob, features_sha256, fingerprint, is_rendered, render_slide
 
+    t0 = time.perf_counter()
+    slide_id = path.stem
+    try:
+        check_name(slide_id, "slide id")
+        if not path.is_file():
+            raise InputError(f"{path}: no features file")
+        info = open_features(path, fold)
+        slide_path = find_slide(info, args.slide, args.tiles, args.slides)
+        job = SlideJob(info, slide_path, features_sha256(path))
+        if not args.overwrite and is_rendered(args.out / slide_id, fingerprint(fold, job, cfg)):
+            say(f"{slide_id}: up to date, skipped")
+            return SlideRecord(slide_id, "skipped", features_path=str(path))
+        encoder = None
+        if _needs_encoder(fold, cfg):
+            # One encoder per set of weights, shared by the slides embedded with it.
+            key = tuple(
+                str(info.attrs.get(k))
+                for k in ("vit256_sha256", "vit4k_sha256", "random_seed", "random_depth")
+            )
+            if key not in encoders:
+                encoders[key] = build_encoder(
+                    info.attrs,
+                    args.vit256,
+                    args.vit4k,
+                    device=cfg.device,
+                    patch_batch=cfg.patch_batch,
+                )
+            encoder = encoders[key]
+        render_slide(fold, job, encoder, cfg, args.out, say=say)
+    except Exception as exc:  # one bad slide must not stop the batch
+        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not isinstance(exc, InputError | ValueError):
+            line = f"{type(exc).__name__}: {line}"
+        return SlideRecord(slide_id, "failed", round(time.perf_counter() - t0, 2), line, str(path))
+    seconds = round(time.perf_counter() - t0, 2)
+    say(f"{slide_id}: rendered in {seconds:.1f} s -> {args.out / slide_id}")
+    return SlideRecord(slide_id, "ok", seconds, "", str(path))
+
+
+def run_heatmaps(args: argparse.Namespace, cfg: HeatmapConfig) -> int:
+    """Render every requested slide; 0 if all ok or skipped, 1 if any failed, 2 on bad input."""
     try:
         fold = load_fold(args.run, device=cfg.device)
         paths = _features_list(args, fold)
@@ -174,59 +223,22 @@ def run_heatmaps(args: argparse.Namespace, cfg: HeatmapConfig) -> int:
     if args.slide is not None and len(paths) != 1:
         print("hipt heatmap: --slide goes with one features file", file=sys.stderr)
         return 2
+    from tqdm import tqdm
+
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     records = _read_records(out / RECORD_CSV)
     encoders: dict[tuple, object] = {}
-    say = (
-        (lambda line: print(line, file=sys.stderr, flush=True))
-        if cfg.progress
-        else (lambda line: None)
-    )
-    for path in paths:
-        t0 = time.perf_counter()
-        slide_id = path.stem
-        try:
-            check_name(slide_id, "slide id")
-            if not path.is_file():
-                raise InputError(f"{path}: no features file")
-            info = open_features(path, fold)
-            slide_path = find_slide(info, args.slide, args.tiles, args.slides)
-            job = SlideJob(info, slide_path, features_sha256(path))
-            if not args.overwrite and is_rendered(out / slide_id, fingerprint(fold, job, cfg)):
-                records[slide_id] = SlideRecord(slide_id, "skipped", features_path=str(path))
-                say(f"{slide_id}: up to date, skipped")
-                continue
-            encoder = None
-            if _needs_encoder(fold, cfg):
-                key = tuple(
-                    str(info.attrs.get(k))
-                    for k in ("vit256_sha256", "vit4k_sha256", "random_seed", "random_depth")
-                )
-                if key not in encoders:
-                    encoders[key] = build_encoder(
-                        info.attrs,
-                        args.vit256,
-                        args.vit4k,
-                        device=cfg.device,
-                        patch_batch=cfg.patch_batch,
-                    )
-                encoder = encoders[key]
-            render_slide(fold, job, encoder, cfg, out, say=say)
-        except Exception as exc:  # one bad slide must not stop the batch
-            line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if not isinstance(exc, InputError | ValueError):
-                line = f"{type(exc).__name__}: {line}"
-            records[slide_id] = SlideRecord(
-                slide_id, "failed", round(time.perf_counter() - t0, 2), line, str(path)
-            )
-            print(f"{slide_id}: FAILED: {line}", file=sys.stderr)
-            _write_records(out / RECORD_CSV, records)
-            continue
-        seconds = round(time.perf_counter() - t0, 2)
-        records[slide_id] = SlideRecord(slide_id, "ok", seconds, "", str(path))
-        say(f"{slide_id}: rendered in {seconds:.1f} s -> {out / slide_id}")
+
+    bar = tqdm(paths, unit="slide", disable=not cfg.progress or len(paths) < 2, file=sys.stderr)
+    say = (lambda line: bar.write(line, file=sys.stderr)) if cfg.progress else (lambda line: None)
+    for path in bar:
+        record = _one_slide(path, args, fold, cfg, encoders, say)
+        records[record.slide_id] = record
+        if record.status == "failed":
+            print(f"{record.slide_id}: FAILED: {record.error}", file=sys.stderr)
         _write_records(out / RECORD_CSV, records)
+    bar.close()
     _write_records(out / RECORD_CSV, records)
     this = [records[p.stem] for p in paths if p.stem in records]
     failed = [r for r in this if r.status == "failed"]

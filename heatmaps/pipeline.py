@@ -249,6 +249,11 @@ def render_slide(
     """Score and render one slide into ``out_root/<slide_id>/``; return its ``heatmap.json``."""
     t0 = time.perf_counter()
     final = out_root / job.slide_id
+    for stale in [
+        *out_root.glob(f".{job.slide_id}.tmp-*"),
+        *out_root.glob(f".{job.slide_id}.old-*"),
+    ]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed render
     tmp = out_root / f".{job.slide_id}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
