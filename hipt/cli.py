@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "hipt.inspect",
         "print the schema, shapes and provenance of a tiles or features file",
     ),
+    "heatmap": (
+        "heatmaps.cli",
+        "attention overlays of a trained fold: PNG, OME-Zarr and QuPath GeoJSON",
+    ),
     "view": ("heatmaps.viewer.cli", "browse slides and their attention overlays in a web browser"),
     "demo": ("hipt.demo", "run the pipeline on a small generated cohort"),
 }
