@@ -30,7 +30,7 @@ from hipt import synthetic
 
 SLIDE_PX = 2048
 MPP = 2.0  # a 4096 px region at 0.5 µm/px is 1024 level-0 px: 2 x 2 regions
-SCORED = {(0, 0): 0.0, (1, 0): 0.5, (0, 1): 1.0}  # region (1, 1) is unscored (NaN)
+SCORED = {(0, 0): 0.2, (1, 0): 0.5, (0, 1): 1.0}  # region (1, 1) is unscored (0: no value)
 
 
 class Server:
@@ -173,7 +173,7 @@ def test_overlay_colours_at_known_values(server, cmap):
 
 def test_overlay_threshold_hides_low_attention(server):
     tile = _decode(server.image("/overlay/planted/0/7/0_0.png?min=0.6"))
-    assert (tile[1:63, 1:63, 3] == 0).all()  # 0.0
+    assert (tile[1:63, 1:63, 3] == 0).all()  # 0.2
     assert (tile[1:63, 65:127, 3] == 0).all()  # 0.5
     assert (tile[65:127, 1:63, 3] == 255).all()  # 1.0
 
@@ -183,9 +183,9 @@ def test_overlay_is_nearest_at_region_and_patch_borders(server):
     # so the region border x = 1024 falls at tile pixel 9.
     tile = _decode(server.image("/overlay/planted/0/11/4_0.png"))
     row = tile[20, :, :3]
-    left, right = _expected("coolwarm", 0.0), _expected("coolwarm", 0.5)
+    left, right = _expected("coolwarm", 0.2), _expected("coolwarm", 0.5)
     assert (row[:9] == left).all() and (row[9:] == right).all()
-    # Patch channel: 16 patches of 64 px per region, values rise 0..1 by column; patch
+    # Patch channel: 16 patches of 64 px per region, values rise by column; patch
     # borders are hard steps at multiples of 64 level-0 px.
     patch = _decode(server.image("/overlay/planted/1/11/0_0.png"))[10, :, :3].astype(int)
     steps = np.nonzero(np.abs(np.diff(patch, axis=0)).sum(1))[0] + 1
@@ -203,13 +203,13 @@ def test_overlay_tile_sizes_follow_slide_tiles(server):
 def test_region_under_a_point_with_top_patches(server):
     data = server.json("/api/region/planted?x=1500&y=300")
     region = data["region"]
-    assert region["measurements"] == {"region attention": 0.5}
+    assert region["measurements"] == {"attention": 0.5}
     assert region["bbox"] == [1024.0, 0.0, 2048.0, 1024.0]
     top = region["top_patches"]
-    assert len(top) == 5 and top[0]["measurements"]["patch attention"] == 1.0
+    assert len(top) == 5 and top[0]["measurements"]["attention"] == 1.0
     assert top[0]["bbox"][0] == 1024 + 15 * 64  # the last patch column has the most attention
     assert data["values"]["region"] == pytest.approx(0.5)
-    assert data["values"]["patch"] == pytest.approx(7 / 15)  # patch column 7 of 0..15
+    assert data["values"]["patch"] == pytest.approx(8 / 16)  # patch column 7: (7 + 1) / 16
     empty = server.json("/api/region/planted?x=1500&y=1500")
     assert empty["region"] is None and empty["values"]["region"] is None
 

@@ -1,9 +1,12 @@
 """Read the heatmap outputs of one slide: the attention OME-Zarr and the QuPath GeoJSON.
 
 ``attention.ome.zarr`` is an NGFF 0.4 multiscale image (zarr format 2) with one channel per
-attention level (slide/region, patch, token), values in [0, 1] (NaN where nothing was scored). Its
-``coordinateTransformations`` give each resolution's pixel size (and optional offset) in µm, so
-with the slide's level-0 µm/px it maps onto level-0 pixels. ``attention.geojson`` is a
+attention level (slide/region, patch, token). ``hipt heatmap`` writes percentile ranks in (0, 1]
+and 0 where a level has no value (outside the regions, tokens outside the top regions); 0 and
+NaN both read as "no value" here. Its ``coordinateTransformations`` give each resolution's pixel
+size and offset in µm (pixel centres, as NGFF defines them), so with the slide's level-0 µm/px
+it maps onto level-0 pixels. Read by the NGFF layout alone, any NGFF 0.4 image with ``c, y, x``
+axes works. ``attention.geojson`` is a
 FeatureCollection of closed polygons in level-0 pixels with ``measurements``; a feature that
 contains smaller ones is a region, the smaller ones its patches.
 """
@@ -141,22 +144,25 @@ class AttentionPyramid:
         """Attention of ``channel`` at the pixel centres of an ``out_w`` × ``out_h`` image.
 
         ``box`` is the level-0 ``(x, y, width, height)`` the image covers. Each output pixel takes
-        the value of the attention pixel its centre falls in (nearest: no blur across region
-        or patch borders); outside the attention array it is NaN.
+        the value of the attention pixel nearest to its centre (no blur across region or patch
+        borders); outside the attention array, and where the value is 0 (none), it is NaN.
         """
         x, y, w, h = box
         res = self._pick_level(w / out_w)
         axes = self._axes
         shape = res.array.shape
         iy_ax, ix_ax = axes.index("y"), axes.index("x")
-        # Output pixel centres in µm, then the attention pixel each falls in (floor: nearest).
+        # NGFF coordinates are pixel centres: level-0 pixel j's centre is at j * mpp µm, attention
+        # pixel i's at i * scale + translation. An output pixel takes the attention pixel whose
+        # centre is nearest to its own (so borders stay sharp).
         ix, iy = (
             np.floor(
                 (
-                    (start + (np.arange(n) + 0.5) * (size / n)) * self.mpp_level0
+                    (start + (np.arange(n) + 0.5) * (size / n) - 0.5) * self.mpp_level0
                     - res.offset_um[along]
                 )
                 / res.scale_um[along]
+                + 0.5
             ).astype(np.int64)
             for along, start, size, n in ((1, x, w, out_w), (0, y, h, out_h))
         )
@@ -173,6 +179,7 @@ class AttentionPyramid:
         else:
             window = self._read(res, channel, slice(y0, y1), slice(x0, x1))
         out[np.ix_(ok_y, ok_x)] = window[np.ix_(iy[ok_y] - y0, ix[ok_x] - x0)]
+        out[out <= 0] = np.nan  # hipt heatmap writes 0 where a level has no value
         return out
 
     def _read(self, res: _Resolution, channel: int, ys: slice, xs: slice) -> np.ndarray:

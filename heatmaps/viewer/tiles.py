@@ -160,7 +160,8 @@ def encode_png(rgba: np.ndarray) -> bytes:
 
 # ------------------------------------------------------------------------------ colour
 def colormap_lut(name: str) -> np.ndarray:
-    """A uint8 ``[256, 3]`` RGB lookup table of the matplotlib colormap ``name``.
+    """A uint8 ``[256, 3]`` RGB lookup table of the matplotlib colormap ``name`` (via
+    :func:`heatmaps.colors.lut`).
 
     Raises ``ValueError`` naming the allowed maps when ``name`` is unknown.
 
@@ -172,15 +173,14 @@ def colormap_lut(name: str) -> np.ndarray:
     """
     import matplotlib
 
-    try:
-        cmap = matplotlib.colormaps[name]
-    except KeyError:
+    from heatmaps.colors import lut  # the colours hipt heatmap's PNGs use too
+
+    if name not in matplotlib.colormaps:
         raise ValueError(
             f"unknown colormap {name!r}; use a matplotlib colormap such as coolwarm, turbo, "
             "viridis, inferno or jet"
-        ) from None
-    rgba = cmap(np.linspace(0.0, 1.0, 256))
-    return np.round(rgba[:, :3] * 255).astype(np.uint8)
+        )
+    return lut(name, 256)
 
 
 def colorize(values: np.ndarray, lut: np.ndarray, threshold: float = 0.0) -> np.ndarray:
