@@ -340,6 +340,16 @@ def test_absolute_and_backslash_request_targets_are_refused(server):
         assert 400 <= resp.status < 500 and body.count(b"\n") == 1, target
 
 
+def test_server_listens_on_loopback_by_default(viewer_files):
+    app = ViewerApp(Catalogue(viewer_files["slides"]))
+    httpd = make_server(app)
+    try:
+        assert httpd.server_address[0] == "127.0.0.1"
+    finally:
+        httpd.server_close()
+        app.close()
+
+
 def test_other_methods_and_foreign_hosts_are_refused(server):
     resp, body = server.get("/api/slides", method="POST")
     assert resp.status == 405 and body == b"only GET and HEAD are served\n"

@@ -24,6 +24,7 @@ from PIL import Image
 from viewer_inputs import planted_heatmap
 
 from heatmaps.viewer.server import find_openseadragon
+from heatmaps.viewer.tiles import colormap_lut
 from hipt import synthetic
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -145,6 +146,18 @@ def test_overlay_toggle_changes_only_the_planted_region(browser, viewer_url, tmp
     _wait_idle(page)
     again = np.abs(_pixels(page).astype(int) - with_overlay).max(axis=2)
     assert again[~_mask(diff.shape, rects["nav"], 2)].max() <= 2  # back as it was
+
+    # Opacity 1: the planted region shows the colormap's colour of 0.95 itself.
+    page.evaluate(
+        """() => { const s = document.getElementById("opacity-0");
+                   s.value = "1"; s.dispatchEvent(new Event("input")); }"""
+    )
+    page.wait_for_timeout(400)
+    _wait_idle(page)
+    x0, y0, x1, y1 = rects["region"]
+    centre = _pixels(page)[int((y0 + y1) / 2), int((x0 + x1) / 2)].astype(int)
+    expected = np.array(colormap_lut("coolwarm")[round(0.95 * 255)], dtype=int)
+    assert np.abs(centre - expected).max() <= 2, (centre, expected)
     assert errors == []
     page.close()
 
