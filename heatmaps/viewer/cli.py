@@ -20,10 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heatmaps",
         type=Path,
+        metavar="DIR",
         help="folder of <slide_id>/attention.ome.zarr (hipt heatmap's output)",
     )
     p.add_argument(
-        "--run", type=Path, help="a hipt train run folder: its predictions label the cohort list"
+        "--run",
+        type=Path,
+        metavar="DIR",
+        help="a hipt train run folder: its predictions label the cohort list",
     )
     p.add_argument(
         "--host",
@@ -45,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from heatmaps.viewer.server import ViewerApp, find_openseadragon, make_server
+    from heatmaps.viewer.server import ViewerApp, find_openseadragon, is_loopback, make_server
     from heatmaps.viewer.sources import Catalogue
 
     if not 0 <= args.port <= 65535:
@@ -78,6 +82,11 @@ def main(args: argparse.Namespace) -> int:
         )
         return 1
     host, port = server.server_address[:2]
+    if not is_loopback(host):
+        print(
+            f"hipt view: listening on {host}: other machines can reach it (there is no login)",
+            file=sys.stderr,
+        )
     shown = f"[{host}]" if ":" in host else host
     print(
         f"hipt view: {len(catalogue.slides)} slide(s) at http://{shown}:{port}/  (Ctrl-C stops)",

@@ -461,7 +461,8 @@ def _json(data: object, cache: bool = False) -> Response:
 
 
 # ------------------------------------------------------------------------------ HTTP
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for an address or name of this machine only (127.0.0.0/8, ::1, ``localhost``)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -501,7 +502,7 @@ class _Handler(BaseHTTPRequestHandler):
         # reach the server through a DNS name that resolves to 127.0.0.1 (DNS rebinding).
         host = (self.headers.get("Host") or "").strip()
         name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
-        return _is_loopback(name)
+        return is_loopback(name)
 
     def _answer(self, send_body: bool) -> None:
         try:
@@ -567,7 +568,7 @@ def make_server(
     handler = type(
         "ViewerHandler",
         (_Handler,),
-        {"app": app, "verbose": verbose, "host_guard": _is_loopback(host)},
+        {"app": app, "verbose": verbose, "host_guard": is_loopback(host)},
     )
     server_class = type("ViewerServer", (ThreadingHTTPServer,), {"request_queue_size": 64})
     server = server_class((host, port), handler)
