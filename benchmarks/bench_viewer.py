@@ -59,7 +59,9 @@ def make_inputs(cache: Path, size: int) -> tuple[Path, Path]:
         print(f"generating {slide.name} ({size:,} px square; cached for later runs)...", flush=True)
         t = time.perf_counter()
         with atomic_path(slide) as tmp:
-            synthetic.write_svs(tmp, size, size, mpp=0.25, seed=7, n_blobs=5, reuse_interior=True)
+            synthetic.write_svs(
+                tmp, size, size, mpp=0.25, seed=7, n_blobs=5, nuclei=False, reuse_interior=True
+            )
         print(f"  {time.perf_counter() - t:.0f} s", flush=True)
     heat = cache / f"bench_viewer_{size}_heatmaps"
     if not (heat / slide.stem / "attention.geojson").exists():
@@ -157,7 +159,8 @@ def measure_browser(slide: Path, heat: Path) -> float | None:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": VIEWPORT[0], "height": VIEWPORT[1]})
             t = time.perf_counter()
-            page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+            # The address hipt view prints for one slide.
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/?slide={slide.stem}")
             page.wait_for_function("window.hipt && window.hipt.idle()", timeout=60_000)
             elapsed = time.perf_counter() - t
             browser.close()

@@ -88,8 +88,10 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     shown = f"[{host}]" if ":" in host else host
+    page = f"?slide={next(iter(catalogue.slides))}" if len(catalogue.slides) == 1 else ""
     print(
-        f"hipt view: {len(catalogue.slides)} slide(s) at http://{shown}:{port}/  (Ctrl-C stops)",
+        f"hipt view: {len(catalogue.slides)} slide(s) at http://{shown}:{port}/{page}  "
+        "(Ctrl-C stops)",
         flush=True,
     )
     try:

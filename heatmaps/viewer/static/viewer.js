@@ -219,8 +219,8 @@ function overlayControls(viewer, info) {
   drawColorbar(state.cmap, state.threshold);
 }
 
-async function showSlide(slideId, cohortSize) {
-  const info = await getJSON(`/api/slides/${encodeURIComponent(slideId)}`);
+async function showSlide(slideId, cohortSize, infoRequest) {
+  const info = await (infoRequest || getJSON(`/api/slides/${encodeURIComponent(slideId)}`));
   $("viewer-page").hidden = false;
   $("cohort-link").hidden = cohortSize < 2;
   $("title").textContent = info.slide_id;
@@ -271,9 +271,12 @@ async function start() {
     return;
   }
   try {
-    const cohort = await getJSON("/api/slides");
     const wanted = new URLSearchParams(window.location.search).get("slide");
-    if (wanted) await showSlide(wanted, cohort.slides.length);
+    // Both at once: opening the slide on the server is the slow part of a first view.
+    const infoRequest = wanted ? getJSON(`/api/slides/${encodeURIComponent(wanted)}`) : null;
+    if (infoRequest) infoRequest.catch(() => {});  // reported by showSlide
+    const cohort = await getJSON("/api/slides");
+    if (wanted) await showSlide(wanted, cohort.slides.length, infoRequest);
     else if (cohort.slides.length === 1) await showSlide(cohort.slides[0].slide_id, 1);
     else showCohort(cohort);
   } catch (err) {
