@@ -276,6 +276,7 @@ def test_survival_run_gives_risk(viewer_files, tmp_path):
     (tmp_path / "fold_0").mkdir()
     (tmp_path / "fold_0" / "predictions.csv").write_text(
         "case_id,slide_ids,n_regions,survival_months,event,risk\nc1,planted,3,12.5,1,-4.25\n"
+        "c2,scan,2,nan,0,1.5\n"
     )
     cat = Catalogue(viewer_files["slides"], run=tmp_path)
     assert cat.get("planted").info == {
@@ -285,6 +286,7 @@ def test_survival_run_gives_risk(viewer_files, tmp_path):
         "survival_months": 12.5,
         "event": 1.0,
     }
+    assert cat.get("scan").info["survival_months"] is None  # "nan" is no value, JSON-safe
 
 
 # ------------------------------------------------------------------------------ refusals

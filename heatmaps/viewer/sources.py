@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -110,9 +111,10 @@ def _number(value: str | None) -> float | str | None:
     if value in (None, ""):
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return value
+    return number if math.isfinite(number) else None  # "nan" in a CSV: no value
 
 
 def _prediction_info(row: dict[str, str], fold: str) -> dict[str, object]:
