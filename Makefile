@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # torch is pinned here (not in pyproject.toml) to the build known to work with timm/torchvision on CPU.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
+# hipt view's page needs OpenSeadragon from the npm registry, installed into a git-ignored
+# heatmaps/viewer/node_modules/ (versions in heatmaps/viewer/package.json and its lock file).
+OSD := heatmaps/viewer/node_modules/openseadragon/package.json
+
 .PHONY: setup demo test lint bench clean
 
 $(BIN)/hipt: pyproject.toml
@@ -14,7 +18,14 @@ $(BIN)/hipt: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(BIN)/hipt
 
-setup: $(BIN)/hipt
+$(OSD): heatmaps/viewer/package.json heatmaps/viewer/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --prefix heatmaps/viewer --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+		echo "warning: npm not found; hipt view needs OpenSeadragon (install Node.js and npm, then make setup)" >&2; \
+	fi
+
+setup: $(BIN)/hipt $(OSD)
 
 demo: setup
 	$(BIN)/hipt demo --out demo_out

@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "print the schema, shapes and provenance of a tiles or features file",
     ),
     "export": ("hipt.export", "write tiles and features in another tool's layout (trident)"),
+    "heatmap": (
+        "heatmaps.cli",
+        "attention overlays of a trained fold: PNG, OME-Zarr and QuPath GeoJSON",
+    ),
+    "view": ("heatmaps.viewer.cli", "browse slides and their attention overlays in a web browser"),
     "demo": ("hipt.demo", "run the pipeline on a small generated cohort"),
     "slurm": ("hipt.slurm", "submit the stages as chained Slurm jobs, or report their progress"),
 }
