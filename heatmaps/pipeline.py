@@ -415,6 +415,7 @@ def _render_into(
         ],
         "outputs": outputs,
         "timings_s": {k: round(v, 3) for k, v in clock.laps.items()},
+        "peak_rss_mib_after": clock.peak_mib,
         "config": config_dict(cfg),
         "hipt_version": __version__,
     }
@@ -426,11 +427,17 @@ class _Clock:
     def __init__(self) -> None:
         self.t = time.perf_counter()
         self.laps: dict[str, float] = {}
+        self.peak_mib: dict[str, float] = {}  # the process's peak RSS so far, after each phase
+        self.lap("start")
 
     def lap(self, name: str) -> None:
+        import resource
+
         now = time.perf_counter()
-        self.laps[name] = now - self.t
+        if name != "start":
+            self.laps[name] = now - self.t
         self.t = now
+        self.peak_mib[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _plain_region(slide: Slide, index: int, xy: tuple[int, int], target_mpp: float, out_px: int):
