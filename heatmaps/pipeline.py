@@ -110,6 +110,7 @@ def _ranked_top_maps(
 
 
 def _write_zarr(
+    slide_id: str,
     path: Path,
     scores: SlideScores,
     tokens: dict[int, np.ndarray],
@@ -133,7 +134,7 @@ def _write_zarr(
         downsample_level0=d,
         chunk_px=cfg.zarr.chunk_px,
         min_side_px=cfg.zarr.min_side_px,
-        name=slide.slide_id,
+        name=slide_id,
     )
     side = scores.region_size_level0
     slide_rank = scores.slide_rank
@@ -164,6 +165,7 @@ def _write_zarr(
 
 
 def _write_geojson(
+    slide_id: str,
     path: Path,
     scores: SlideScores,
     tokens: dict[int, np.ndarray],
@@ -176,7 +178,7 @@ def _write_geojson(
     patch_rank = scores.patch_rank() if scores.patch_attention is not None else None
     with (
         open(path, "w") as fh,
-        GeoJsonWriter(fh, slide_size=slide.dimensions, name=slide.slide_id) as gj,
+        GeoJsonWriter(fh, slide_size=slide.dimensions, name=slide_id) as gj,
     ):
         for i, (x, y) in enumerate(scores.coords):
             m = {
@@ -411,12 +413,12 @@ def _write_outputs(
     clock.lap("top_regions_png")
     outputs = {
         "zarr": _write_zarr(
-            folder / "attention.ome.zarr", scores, token_mean, cfg, slide, target_mpp
+            slide_id, folder / "attention.ome.zarr", scores, token_mean, cfg, slide, target_mpp
         )
     }
     clock.lap("zarr")
     outputs["geojson_features"] = _write_geojson(
-        folder / "attention.geojson", scores, token_mean, slide, cfg
+        slide_id, folder / "attention.geojson", scores, token_mean, slide, cfg
     )
     clock.lap("geojson")
     want_tokens = "token" in cfg.levels and cfg.top_k > 0
