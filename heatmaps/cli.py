@@ -226,6 +226,9 @@ def run_heatmaps(args: argparse.Namespace, cfg: HeatmapConfig) -> int:
     from tqdm import tqdm
 
     out = args.out
+    if (out / "__init__.py").exists():  # e.g. the default "heatmaps" run from a source checkout
+        print(f"hipt heatmap: {out} is a Python package folder; pass --out DIR", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     records = _read_records(out / RECORD_CSV)
     encoders: dict[tuple, object] = {}
