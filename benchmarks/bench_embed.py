@@ -20,6 +20,12 @@ is close to its model-alone rate, the device is not waiting for input. ``--reade
 sampled (NVML, through ``torch.cuda.utilization``) every 0.1 s while ``hipt`` runs end to end;
 its mean and the share of samples at 90 % or more are printed per reader ("n/a" without NVML).
 
+The loader goal (``--loader-only`` runs just these rows): with a no-op model, ``hipt embed``
+must deliver regions to the main process at >= 90 % of the rate of the same number of reading
+processes alone (each reading its share of regions into one reused buffer, no DataLoader, no
+shared memory, no HDF5). Both are measured in the same run, beside the loader as it was before
+the region ring (a fresh shared-memory segment per region) as the baseline.
+
 Sizing a short run:
 
 * ``--slide-regions M`` writes a slide with only M distinct regions (writing the JPEG pyramid
@@ -36,11 +42,13 @@ Usage::
     python benchmarks/bench_embed.py                     # CPU, 2 regions per method
     python benchmarks/bench_embed.py --device cuda --regions 64 --slide-regions 16 \
         --original-regions 4 --workers 15 --batch-regions 8 --readers fast openslide
+    python benchmarks/bench_embed.py --loader-only --regions 8 --slide-regions 4 --workers 1
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import shutil
@@ -53,7 +61,7 @@ import numpy as np
 import torch
 
 from hipt.embed import embed_tiles
-from hipt.embed_data import RegionDataset, SlideJob, make_region_loader
+from hipt.embed.data import RegionDataset, SlideJob, make_region_loader
 from hipt.geometry import REGION_PX
 from hipt.h5schema import write_tiles
 from hipt.models.region_encoder import RegionEncoder, build_region_encoder
@@ -200,6 +208,89 @@ def hipt_read_only(
     return time.perf_counter() - t0
 
 
+def _read_share(args: tuple[str, np.ndarray, str]) -> int:
+    from hipt.slide import Slide
+
+    slide_path, coords, reader = args
+    buf = np.empty((REGION_PX, REGION_PX, 3), np.uint8)
+    with Slide(slide_path, mpp=TARGET_MPP, reader=reader) as slide:
+        for x, y in coords:
+            slide.read_region(int(x), int(y), REGION_PX, TARGET_MPP, out=buf)
+    return len(coords)
+
+
+def _one_decode_thread() -> None:
+    # As in a DataLoader worker, where the fast reader decodes on one thread per process.
+    os.environ["HIPT_READER_THREADS"] = "1"
+
+
+def reader_alone(slide_path: Path, coords: np.ndarray, workers: int, reader: str) -> float:
+    """Seconds for ``workers`` plain processes (0: this one) to read every region once.
+
+    Each process decodes on one thread, as the loader's workers do, so the two differ only by
+    the loader itself (queues, shared memory, the main process's batching and writing).
+    """
+    t0 = time.perf_counter()
+    if workers == 0:
+        _read_share((str(slide_path), coords, reader))
+    else:
+        shares = [(str(slide_path), coords[i::workers], reader) for i in range(workers)]
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(workers, initializer=_one_decode_thread) as pool:
+            assert sum(pool.map(_read_share, shares)) == len(coords)
+    return time.perf_counter() - t0
+
+
+class NoOpEncoder(torch.nn.Module):
+    """Outputs of the right shapes and no work: what is left of ``hipt embed`` is the loader."""
+
+    def forward(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = regions.shape[0]
+        return torch.zeros(b, 256, 384), torch.zeros(b, 192)
+
+
+def loader_rows(
+    tiles: Path, slide_path: Path, coords: np.ndarray, workers: int, batch: int, reader: str,
+    workdir: Path, repeats: int = 2,
+) -> list[tuple[str, float]]:  # fmt: skip
+    """Reader alone, the old loader (a segment per region), and ``hipt embed`` with a no-op model."""
+    provenance = dict(vit256_sha256="noop", vit4k_sha256="noop", mean=[0.5] * 3, std=[0.5] * 3)
+    out = workdir / "out_noop"
+    best: dict[str, float] = {}
+    for _ in range(repeats):  # interleaved, best of each: a shared machine's noise hits all rows
+        best["alone"] = min(
+            best.get("alone", 1e9), reader_alone(slide_path, coords, workers, reader)
+        )
+        t = hipt_read_only(slide_path, coords, workers, reader, False)
+        best["before"] = min(best.get("before", 1e9), t)
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        summary = embed_tiles(
+            tiles, out, encoder=NoOpEncoder(), provenance=provenance, device="cpu",
+            batch_regions=batch, workers=workers, reader=reader, progress=False,
+        )  # fmt: skip
+        best["noop"] = min(best.get("noop", 1e9), time.perf_counter() - t0)
+        assert summary.n_ok == 1, summary.results
+    return [
+        (f"reader alone, {reader} ({workers} proc x 1 thread)", best["alone"]),
+        ("loader before the ring (segment per region)", best["before"]),
+        ("hipt embed, no-op model (ring + writer)", best["noop"]),
+    ]
+
+
+def print_loader_goal(rows: list[tuple[str, float]], n: int) -> None:
+    head = f"{'loader goal row':<48}{'s/region':>10}{'regions/s':>11}{'vs alone':>10}"
+    print(head)
+    print("-" * len(head))
+    alone = rows[0][1]
+    for label, seconds in rows:
+        print(f"{label:<48}{seconds / n:>10.3f}{n / seconds:>11.3f}{alone / seconds:>10.0%}")
+    share = alone / rows[-1][1]
+    print(f"goal: hipt embed with a no-op model at >= 90% of the reader-alone rate: "
+          f"{share:.0%} ({'met' if share >= 0.9 else 'NOT met'})")  # fmt: skip
+    print()
+
+
 def hipt_model_only(
     encoder: RegionEncoder, n_regions: int, batch: int, device: torch.device
 ) -> float:
@@ -258,6 +349,11 @@ def main() -> None:
     )
     p.add_argument("--workdir", type=Path, default=None, help="where the slide is written")
     p.add_argument(
+        "--loader-only",
+        action="store_true",
+        help="only the loader goal rows (reader alone, old loader, no-op model)",
+    )
+    p.add_argument(
         "--depth",
         default="12,6",
         help="ViT-256,ViT-4K blocks (default the real 12,6; less only to smoke-test)",
@@ -289,6 +385,18 @@ def main() -> None:
         f"slide: {n_distinct} distinct regions of 4096 px at {TARGET_MPP} µm/px "
         f"({phases['write slide']:.1f} s to write); hipt reads {n} regions{repeat}"
     )
+    if args.loader_only:
+        print(f"loader: {n} regions, workers {workers}, batch_regions {batch}, "
+              f"CPU {platform.processor() or 'x86-64'} ({cpus} cores)")  # fmt: skip
+        for reader in reader_list:
+            t = time.perf_counter()
+            rows = loader_rows(tiles, slide_path, coords, workers, batch, reader, workdir, 3)
+            phases[f"loader rows, {reader}"] = time.perf_counter() - t
+            print_loader_goal(rows, n)
+        print("phase seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     t = time.perf_counter()
     d256, d4k = (int(v) for v in args.depth.split(","))
     encoder, provenance = build_region_encoder(

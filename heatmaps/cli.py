@@ -167,11 +167,7 @@ def _one_slide(
 ) -> SlideRecord:
     """Check, skip or render one features file; never raises (a failure is a record)."""
     from heatmaps.pipeline import SlideJob, features_sha256, fingerprint, is_rendered, render_slide
-
-    try:
-        from hipt.names import check_name
-    except ImportError:  # until the shared names module lands
-        from heatmaps._config_fallback import check_name
+    from hipt.names import check_name
 
     t0 = time.perf_counter()
     slide_id = path.stem

@@ -1,19 +1,25 @@
 """The ``hipt`` command. Each subcommand lives in its own module, imported only when it runs.
 
 A subcommand module exposes ``add_arguments(parser)`` and ``main(args) -> int``.
+
+Two faults are handled here for every command (:mod:`hipt.faults`): a full disk ends with one
+line, ``hipt CMD: no space left on device: FILE``, and exit 1; a :class:`~hipt.faults.Terminated`
+(SIGTERM inside :func:`~hipt.faults.raise_on_sigterm`) with exit 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Stage modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("preprocessing.cli", "segment tissue and cut slides into 4096 px regions"),
-    "embed": ("hipt.embed", "embed tiled regions with ViT-256 and ViT-4K into features/*.h5"),
+    "embed": ("hipt.embed.cli", "embed tiled regions with ViT-256 and ViT-4K into features/*.h5"),
     "train": ("train.cli", "slide-level subtyping or survival, k-fold by case"),
+    "pretrain": ("train.dino.cli", "DINO pretraining of ViT-256 (stage1) or ViT-4K (stage2)"),
     "inspect": (
         "hipt.inspect",
         "print the schema, shapes and provenance of a tiles or features file",
@@ -22,7 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "heatmaps.cli",
         "attention overlays of a trained fold: PNG, OME-Zarr and QuPath GeoJSON",
     ),
+    "export": ("hipt.export", "write tiles and features in another tool's layout (trident)"),
     "demo": ("hipt.demo", "run the pipeline on a small generated cohort"),
+    "slurm": ("hipt.slurm", "submit the stages as chained Slurm jobs, or report their progress"),
 }
 
 
@@ -57,7 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"hipt {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.main(args) or 0)
+    return _run(name, module, args)
+
+
+def _run(name: str, module: object, args: argparse.Namespace) -> int:
+    from hipt.faults import EXIT_TERMINATED, Terminated, disk_full_message
+
+    try:
+        return int(module.main(args) or 0)
+    except Terminated as exc:
+        print(f"hipt {name}: {exc}", file=sys.stderr)
+        return EXIT_TERMINATED
+    except Exception as exc:
+        message = disk_full_message(exc)
+        if message is None:
+            raise
+        print(f"hipt {name}: {message}", file=sys.stderr)
+        # Leave at once: libraries that met the full disk mid-write (HDF5) may crash while their
+        # objects are freed at interpreter exit, turning exit 1 into a segfault. Every temporary
+        # file was removed on the way up; nothing else is left to clean.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

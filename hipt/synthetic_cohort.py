@@ -6,7 +6,11 @@ regions per case also carry a fixed marker direction plus the signal:
 - subtyping: the prototype direction of the case's class, so the label is a function of those
   few regions only;
 - survival: ``z · d`` for a per-case standard-normal ``z``; the true log-hazard is
-  ``log_hazard_scale · z`` and times are exponential with that hazard, censored at random.
+  ``log_hazard_scale · z`` and event times are exponential with that hazard. Censoring is
+  independent of the event time, as the NLL, Kaplan–Meier and the c-index assume: a random
+  exponential censoring time per case, and administrative censoring at the end of follow-up.
+  The truth (log-hazard, event and censoring times) is kept out of the cohort CSV, in
+  ``truth.csv``, so a test can compare a model with the oracle c-index.
 
 The files are written with :class:`hipt.h5schema.FeaturesWriter`, exactly as ``hipt embed`` writes
 them, so training reads them like real features.
@@ -54,7 +58,9 @@ class SyntheticCohort:
     label_map : dict
         label → class index (subtyping only).
     log_hazard : dict
-        case id → true log-hazard (survival only).
+        case id → true log-hazard (survival only; also in ``truth.csv``).
+    truth_path : Path or None
+        ``truth.csv`` (survival only): ``case_id, log_hazard, event_time, censor_time``.
     """
 
     csv_path: Path
@@ -63,6 +69,22 @@ class SyntheticCohort:
     informative: dict[str, list[int]]
     label_map: dict[str, int] = field(default_factory=dict)
     log_hazard: dict[str, float] = field(default_factory=dict)
+    truth_path: Path | None = None
+
+    def oracle_c_index(self, case_ids: list[str] | None = None) -> float:
+        """Harrell's c-index of the true log-hazard on the observed times of ``case_ids``
+        (default: every case): the best a model of these data can expect."""
+        from lifelines.utils import concordance_index
+
+        rows = {r["case_id"]: r for r in self.table}
+        ids = list(rows) if case_ids is None else list(case_ids)
+        return float(
+            concordance_index(
+                [float(rows[c]["survival_months"]) for c in ids],
+                [-self.log_hazard[c] for c in ids],
+                [int(rows[c]["event"]) for c in ids],
+            )
+        )
 
 
 def _attrs(slide_id: str) -> dict:
@@ -192,6 +214,51 @@ def make_subtyping_cohort(
     )
 
 
+def draw_survival_times(
+    rng: np.random.Generator,
+    log_hazard: np.ndarray,
+    *,
+    baseline_hazard: float = 0.05,
+    censor_fraction: float = 0.3,
+    follow_up_months: float | None = 180.0,
+) -> dict[str, np.ndarray]:
+    """Event and independent censoring times for cases with the given true log-hazards.
+
+    The event time is exponential with hazard ``baseline_hazard · exp(log_hazard)``. The random
+    censoring time is exponential too, drawn independently of the event time, with the rate that
+    censors ``censor_fraction`` of cases at the baseline hazard (``c / (1 - c) · baseline``);
+    every case still under follow-up at ``follow_up_months`` is censored there (administrative).
+
+    Returns
+    -------
+    dict
+        ``time`` (observed), ``event`` (1 observed, 0 censored), ``event_time``, ``censor_time``.
+
+    Examples
+    --------
+    >>> d = draw_survival_times(np.random.default_rng(0), np.zeros(1000))
+    >>> bool(((d["time"] == np.minimum(d["event_time"], d["censor_time"])).all()))
+    True
+    """
+    log_hazard = np.asarray(log_hazard, dtype=np.float64)
+    if not 0 <= censor_fraction < 1:
+        raise ValueError(f"censor_fraction must be in [0, 1), got {censor_fraction}")
+    event_time = rng.exponential(1.0 / (baseline_hazard * np.exp(log_hazard)))
+    if censor_fraction > 0:
+        rate = censor_fraction / (1.0 - censor_fraction) * baseline_hazard
+        censor_time = rng.exponential(1.0 / rate, size=len(log_hazard))
+    else:
+        censor_time = np.full(len(log_hazard), np.inf)
+    if follow_up_months is not None:
+        censor_time = np.minimum(censor_time, follow_up_months)
+    return {
+        "time": np.minimum(event_time, censor_time),
+        "event": (event_time <= censor_time).astype(np.int64),
+        "event_time": event_time,
+        "censor_time": censor_time,
+    }
+
+
 def make_survival_cohort(
     out_dir: str | os.PathLike,
     *,
@@ -211,32 +278,41 @@ def make_survival_cohort(
 ) -> SyntheticCohort:
     """Write a survival cohort with known per-case hazards carried by a few regions.
 
-    Times (months) are exponential with hazard ``baseline_hazard · exp(log_hazard_scale · z)``;
-    about ``censor_fraction`` of cases are censored at a uniform time before their event, and, as
-    in a real study, every case still alive at ``follow_up_months`` is censored there.
-    Other parameters are as in :func:`make_subtyping_cohort`.
+    Times (months) come from :func:`draw_survival_times` with log-hazard ``log_hazard_scale · z``:
+    exponential event times, independent random censoring (about ``censor_fraction`` of cases at
+    the baseline hazard) and administrative censoring at ``follow_up_months``. The truth goes to
+    ``truth.csv`` beside the cohort CSV, not into it. Other parameters are as in
+    :func:`make_subtyping_cohort`.
     """
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     feats = out_dir / "features"
     marker = _unit(rng, dim) * signal
     direction = _unit(rng, dim)
-    rows, informative, log_hazard = [], {}, {}
-    for i, slides in enumerate(_bags(rng, n_cases, regions, n_informative, dim, slides_per_case)):
+    bags = _bags(rng, n_cases, regions, n_informative, dim, slides_per_case)
+    z = rng.standard_normal(n_cases)
+    drawn = draw_survival_times(
+        rng,
+        log_hazard_scale * z,
+        baseline_hazard=baseline_hazard,
+        censor_fraction=censor_fraction,
+        follow_up_months=follow_up_months,
+    )
+    rows, informative, log_hazard, truth = [], {}, {}, []
+    for i, slides in enumerate(bags):
         site = SITES[i % min(n_sites, len(SITES))]
         case_id = f"TCGA-{site}-{i:04d}"
-        z = float(rng.standard_normal())
         idx = sorted(rng.choice(len(slides[0]), size=n_informative, replace=False).tolist())
-        slides[0][idx] += marker + direction * (signal * z)
-        lh = log_hazard_scale * z
-        log_hazard[case_id] = lh
-        t_event = rng.exponential(1.0 / (baseline_hazard * np.exp(lh)))
-        if rng.random() < censor_fraction:
-            time, event = rng.uniform(0.0, t_event), 0
-        else:
-            time, event = t_event, 1
-        if follow_up_months is not None and time > follow_up_months:
-            time, event = follow_up_months, 0
+        slides[0][idx] += marker + direction * (signal * z[i])
+        log_hazard[case_id] = float(log_hazard_scale * z[i])
+        truth.append(
+            {
+                "case_id": case_id,
+                "log_hazard": log_hazard[case_id],
+                "event_time": float(drawn["event_time"][i]),
+                "censor_time": float(drawn["censor_time"][i]),
+            }
+        )
         for s, region in enumerate(slides):
             slide_id = f"{case_id}-{s:02d}"
             _write_slide(feats / f"{slide_id}.h5", slide_id, region, rng, patch_features)
@@ -245,13 +321,17 @@ def make_survival_cohort(
                 {
                     "slide_id": slide_id,
                     "case_id": case_id,
-                    "survival_months": round(float(time), 4),
-                    "event": event,
+                    "survival_months": round(float(drawn["time"][i]), 4),
+                    "event": int(drawn["event"][i]),
                 }
             )
     csv_path = out_dir / "cohort.csv"
     _write_csv(csv_path, rows, ["slide_id", "case_id", "survival_months", "event"])
-    return SyntheticCohort(csv_path, feats, rows, informative, log_hazard=log_hazard)
+    truth_path = out_dir / "truth.csv"
+    _write_csv(truth_path, truth, ["case_id", "log_hazard", "event_time", "censor_time"])
+    return SyntheticCohort(
+        csv_path, feats, rows, informative, log_hazard=log_hazard, truth_path=truth_path
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

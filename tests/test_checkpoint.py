@@ -270,11 +270,34 @@ def test_pickled_object_is_refused(tmp_path):
     assert "\n" not in str(info.value)
 
 
+class RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+def test_code_running_pickle_names_the_global_and_never_suggests_the_unsafe_load(tmp_path):
+    path = tmp_path / "evil.pth"
+    ckpt = dino_checkpoint(released_backbone("vit4k"))
+    ckpt["extra"] = RunsCode()
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError) as info:
+        load_encoder_weights(make_model("vit4k"), path)
+    message = str(info.value)
+    assert "refused: it pickles posix.system" in message and str(path) in message
+    assert "False" not in message and "\n" not in message  # torch's advice is weights_only=False
+
+
 def test_unreadable_and_missing_files(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="junk.pth: not a readable"):
+    with pytest.raises(CheckpointError, match=r"junk.pth: not a torch checkpoint \(a text file"):
         load_encoder_weights(make_model("vit4k"), junk)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pth: an empty file \(0 bytes\)"):
+        load_encoder_weights(make_model("vit4k"), empty)
     with pytest.raises(CheckpointError, match="nowhere.pth: weights file not found"):
         load_encoder_weights(make_model("vit4k"), tmp_path / "nowhere.pth")
     odd = tmp_path / "odd.pth"

@@ -25,7 +25,7 @@ from hipt.embed import (
     read_embedding_csv,
     tiles_sha256,
 )
-from hipt.embed_data import RegionDataset, SlideJob, make_region_loader
+from hipt.embed.data import RegionDataset, SlideJob, make_region_loader
 from hipt.h5schema import read_features, read_tiles, write_tiles
 from hipt.inspect import inspect_file
 from hipt.models.region_encoder import build_region_encoder
@@ -356,7 +356,7 @@ def test_tiles_of_another_region_size_fail_that_slide_only(run: dict, tmp_path: 
 
 
 def test_stale_temporaries_of_other_slides_are_kept(tmp_path: Path) -> None:
-    from hipt.embed import _drop_stale_temps
+    from hipt.embed.plan import _drop_stale_temps
 
     mine = tmp_path / ".s[1].h5.tmp-0badf00d"
     other = tmp_path / ".s1.h5.tmp-12345678"  # another slide, maybe being written by a shard
@@ -370,11 +370,12 @@ def test_stale_temporaries_of_other_slides_are_kept(tmp_path: Path) -> None:
 def test_a_features_file_that_cannot_be_created_fails_only_its_slide(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import hipt.embed as embed
+    import hipt.embed.stream as stream
+    from hipt.embed.plan import EmbedJob
 
     class Items(torch.utils.data.Dataset):
         # Tiny fake regions whose pixels carry the slide index; the stub encoder echoes it.
-        def __init__(self, jobs: list[SlideJob], reader: str = "auto") -> None:
+        def __init__(self, jobs: list[SlideJob], **kwargs) -> None:
             self.index = [(k, r) for k, j in enumerate(jobs) for r in range(j.n_regions)]
 
         def __len__(self) -> int:
@@ -383,7 +384,7 @@ def test_a_features_file_that_cannot_be_created_fails_only_its_slide(
         def __getitem__(self, i: int) -> dict:
             k, r = self.index[i]
             pixels = torch.full((3, 2, 2), k, dtype=torch.uint8)
-            return dict(job=k, row=r, pixels=pixels, error="", reader="fake")
+            return dict(job=k, row=r, slot=-1, pixels=pixels, error="", reader="fake")
 
         def close(self) -> None:
             pass
@@ -394,15 +395,15 @@ def test_a_features_file_that_cannot_be_created_fails_only_its_slide(
             b = len(v)
             return v.view(b, 1, 1).expand(b, 256, 384), v.view(b, 1).expand(b, 192)
 
-    real_enter = embed.FeaturesWriter.__enter__
+    real_open = stream.FeaturesWriter.open
 
-    def enter(self):
+    def open_(self):
         if self.path.stem == "y":
             raise OSError("File name too long")
-        return real_enter(self)
+        return real_open(self)
 
-    monkeypatch.setattr(embed, "RegionDataset", Items)
-    monkeypatch.setattr(embed.FeaturesWriter, "__enter__", enter)
+    monkeypatch.setattr(stream, "RegionDataset", Items)
+    monkeypatch.setattr(stream.FeaturesWriter, "open", open_)
     base = dict(
         target_mpp=0.5, vit256_sha256="a", vit4k_sha256="b", mean=[0.5] * 3, std=[0.5] * 3,
         hipt_version="0", reader="auto",
@@ -410,12 +411,13 @@ def test_a_features_file_that_cannot_be_created_fails_only_its_slide(
     jobs = []
     for sid, n in (("x", 2), ("y", 2), ("z", 1)):
         coords = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
-        job = SlideJob(sid, f"{sid}.tiff", coords)
-        jobs.append((job, dict(base, slide_id=sid), tmp_path / f"{sid}.h5"))
+        job = SlideJob(sid, f"{sid}.tiff", coords, region_px=2)
+        jobs.append(EmbedJob(job, dict(base, slide_id=sid), tmp_path / f"{sid}.h5"))
     records: list = []
     # One batch of 4 holds regions of x and y: y fails, x and z are written.
-    embed._stream(jobs, Echo(), torch.device("cpu"), 4, 0, "auto", True,
-                  embed._Progress(5, False), records.append)  # fmt: skip
+    settings = stream.StreamSettings(batch_regions=4, workers=0)
+    bar = _NoBar()
+    stream.stream_regions(jobs, Echo(), torch.device("cpu"), settings, bar, records.append)
     status = {r.slide_id: r for r in records}
     assert {k: r.status for k, r in status.items()} == {"x": "ok", "y": "failed", "z": "ok"}
     assert "cannot create" in status["y"].error and "File name too long" in status["y"].error
@@ -424,19 +426,27 @@ def test_a_features_file_that_cannot_be_created_fails_only_its_slide(
     assert np.all(read_features(tmp_path / "z.h5", patch_features=True)["patch_features"] == 3.0)
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def write(self, line: str) -> None:
+        pass
+
+
 def test_an_empty_slide_whose_file_cannot_be_created_fails_alone(
     run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import hipt.embed as embed
+    from hipt.h5schema import FeaturesWriter
 
-    real_enter = embed.FeaturesWriter.__enter__
+    real_open = FeaturesWriter.open
 
-    def enter(self):
+    def open_(self):
         if self.path.stem == "y":
             raise OSError("File name too long")
-        return real_enter(self)
+        return real_open(self)
 
-    monkeypatch.setattr(embed.FeaturesWriter, "__enter__", enter)
+    monkeypatch.setattr(FeaturesWriter, "open", open_)
     attrs = run["tiles"]["a"].attrs
     for sid in ("x", "y", "z"):
         write_tiles(

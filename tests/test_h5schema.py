@@ -114,8 +114,8 @@ def test_region_only_features_and_shape_check(tmp_path):
         read_features(out, patch_features=True)
     with h5py.File(out, "a") as f:
         del f["region_features"]
-        f.create_dataset("region_features", data=np.zeros((2, 192)))
-    with pytest.raises(SchemaError, match=r"s1.h5: region_features shape \(2, 192\)"):
+        f.create_dataset("region_features", data=np.zeros((2, 192), np.float32))
+    with pytest.raises(SchemaError, match=r"s1.h5: region_features has 2 rows, coords has 3"):
         read_features_info(out)
 
 
@@ -126,7 +126,7 @@ def test_features_coords_must_be_int64_pairs(tmp_path):
     with h5py.File(out, "a") as f:
         del f["coords"]
         f.create_dataset("coords", data=np.zeros((2, 2), dtype=np.float64))
-    with pytest.raises(SchemaError, match=r"s1.h5: coords must be int64 \[M, 2\], got float64"):
+    with pytest.raises(SchemaError, match=r"s1.h5: coords is float64, expected int64"):
         read_features_info(out)
 
 
@@ -143,3 +143,68 @@ def test_tiles_read_above_level0_need_the_read_level_size(tmp_path):
     del attrs["region_size_read_level"]
     with pytest.raises(SchemaError, match="region_size_read_level"):
         write_tiles(tmp_path / "s1.h5", np.zeros((1, 2)), [1.0], attrs)
+
+
+def _flip_a_byte(path, dataset: str) -> None:
+    # Flip one bit in the middle of the dataset's first stored chunk (a silent disk error).
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("dataset", ["region_features", "patch_features", "coords"])
+def test_bit_flips_are_found_by_the_checksums(tmp_path, dataset):
+    from hipt.h5schema import verify_data
+
+    out = tmp_path / "s1.h5"
+    with FeaturesWriter(out, np.zeros((2, 2)), FEATURE_ATTRS) as w:
+        w.write(0, np.full((2, 256, 384), 0.5), np.full((2, 192), 0.25))
+    verify_data(out)  # intact
+    _flip_a_byte(out, dataset)
+    read_features_info(out)  # the header is intact; only reading the data finds the damage
+    with pytest.raises(SchemaError, match=rf"s1.h5: {dataset} rows 0-1 are damaged"):
+        verify_data(out)
+
+
+def test_attr_types_are_checked_naming_the_file_and_attr(tmp_path):
+    path = write_tiles(tmp_path / "s1.h5", np.zeros((1, 2)), [1.0], TILE_ATTRS)
+    for key, value, wanted in [
+        ("target_mpp", "half", "a finite number > 0"),
+        ("mpp_level0", float("nan"), "a finite number > 0"),
+        ("slide_size", [10000], "a list of 2 integers >= 1"),
+        ("read_level", -1, "an integer >= 0"),
+    ]:
+        with h5py.File(path, "a") as f:
+            good = f.attrs[key]
+            f.attrs[key] = value
+        with pytest.raises(SchemaError, match=rf"s1.h5: attr {key} is .*; expected {wanted}"):
+            read_tiles(path)
+        with h5py.File(path, "a") as f:
+            f.attrs[key] = good
+    read_tiles(path)
+    with pytest.raises(SchemaError, match="attr target_mpp is 'half'"):
+        write_tiles(tmp_path / "x.h5", np.zeros((1, 2)), [1.0], dict(TILE_ATTRS, target_mpp="half"))
+
+
+def test_features_carry_clam_names_and_schema_1_files_without_them_still_read(tmp_path):
+    out = tmp_path / "s1.h5"
+    with FeaturesWriter(out, np.zeros((2, 2)), FEATURE_ATTRS, patch_features=False) as w:
+        w.write(0, None, np.arange(384, dtype=np.float32).reshape(2, 192))
+    with h5py.File(out) as f:
+        # CLAM's Generic_MIL_Dataset reads "features"; its stitching reads coords.attrs["name"].
+        assert f["features"].id == f["region_features"].id  # a hard link: one copy on disk
+        np.testing.assert_array_equal(f["features"][()], f["region_features"][()])
+        assert f["coords"].attrs["name"] == "s1"
+        assert f["region_features"].fletcher32 and f["coords"].fletcher32
+    old = tmp_path / "old.h5"  # as hipt 0.1.0 wrote schema 1: no link, no checksums
+    with h5py.File(old, "w") as f:
+        f.attrs["schema"] = FEATURES_SCHEMA
+        for k, v in FEATURE_ATTRS.items():
+            f.attrs[k] = v
+        f["coords"] = np.zeros((1, 2), np.int64)
+        f["region_features"] = np.ones((1, 192), np.float32)
+    assert read_features(old)["region_features"].sum() == 192

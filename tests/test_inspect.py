@@ -68,7 +68,8 @@ def test_tiles_file(tmp_path: Path) -> None:
     assert coords.attrs == {
         "patch_level": 1,
         "patch_size": 4096,
-    }  # read-level pixels, as CLAM reads it
+        "name": "s1",
+    }  # read-level pixels, as CLAM reads it; name for CLAM's stitching
     text = format_report(r)
     assert "mpp_source" in text and "openslide.mpp-x" in text and "valid:    yes" in text
 
@@ -86,7 +87,7 @@ def test_features_file_via_cli(tmp_path: Path) -> None:
 
 def test_region_only_features_are_valid(tmp_path: Path) -> None:
     r = inspect_file(_features(tmp_path / "s1.h5", patch=False))
-    assert r.valid and {d.name for d in r.datasets} == {"coords", "region_features"}
+    assert r.valid and {d.name for d in r.datasets} == {"coords", "features", "region_features"}
 
 
 def test_json_output(tmp_path: Path) -> None:
@@ -162,3 +163,41 @@ def test_check_values_finds_nan(tmp_path: Path) -> None:
 def test_valid_features_pass_value_scan(tmp_path: Path, flag: list[str]) -> None:
     out = _cli(*flag, str(_features(tmp_path / "s1.h5")))
     assert out.returncode == 0, out.stderr
+
+
+def test_directory_and_symlink_loop_are_named_as_such(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.h5"
+    loop.symlink_to(loop)
+    dangling = tmp_path / "dangling.h5"
+    dangling.symlink_to(tmp_path / "gone.h5")
+    out = _cli(str(tmp_path), str(loop), str(dangling))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"error: {tmp_path}: is a directory; pass the .h5 files in it" in out.stderr
+    assert f"error: {loop}: a symlink loop" in out.stderr
+    assert f"error: {dangling}: a dangling symlink" in out.stderr
+
+
+def test_bit_flip_makes_the_file_invalid_and_no_verify_skips_the_read(tmp_path: Path) -> None:
+    path = _features(tmp_path / "s1.h5")
+    with h5py.File(path) as f:
+        info = f["patch_features"].id.get_chunk_info(1)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 1000)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    out = _cli(str(path))
+    assert out.returncode == 1 and "valid:    NO" in out.stdout
+    assert f"{path}: patch_features rows 0-1 are damaged" in out.stderr
+    assert _cli("--no-verify", str(path)).returncode == 0
+
+
+def test_wrongly_typed_attr_is_invalid(tmp_path: Path) -> None:
+    path = _tiles(tmp_path / "s1.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["target_mpp"] = "half"
+    r = inspect_file(path)
+    assert (
+        not r.valid
+        and r.problem == f"{path}: attr target_mpp is 'half'; expected a finite number > 0"
+    )

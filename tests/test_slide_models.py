@@ -88,7 +88,7 @@ def test_bad_bag_shapes_are_clear_errors():
 
 def test_hipt_lgp_runs_a_frozen_vit4k_over_the_patch_grid():
     torch.manual_seed(3)
-    model = create_model("hipt_lgp", n_classes=2, vit4k_kwargs={"depth": 1})
+    model = create_model("hipt_lgp", n_classes=2, random_weights=True, vit4k_kwargs={"depth": 1})
     model.train()
     assert not model.local_vit.training  # frozen: stays in eval mode
     bag = torch.randn(3, 256, 384)
@@ -107,7 +107,13 @@ def test_hipt_lgp_runs_a_frozen_vit4k_over_the_patch_grid():
 
 
 def test_hipt_lgp_unfrozen_trains_the_vit4k():
-    model = create_model("hipt_lgp", n_classes=2, freeze_vit4k=False, vit4k_kwargs={"depth": 1})
+    model = create_model(
+        "hipt_lgp",
+        n_classes=2,
+        freeze_vit4k=False,
+        random_weights=True,
+        vit4k_kwargs={"depth": 1},
+    )
     model.train()
     assert model.local_vit.training
     model(torch.randn(2, 256, 384)).logits.sum().backward()

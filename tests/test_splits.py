@@ -168,3 +168,69 @@ def test_user_split_without_val_cases_is_refused(tmp_path):
     no_val.write_text("case_id,fold,role\nA,0,train\nB,0,test\nC,0,val\nA,1,test\nB,1,train\n")
     with pytest.raises(SplitError, match="fold 1 has no val cases"):
         read_splits(no_val)
+
+
+def _kidney_like(sizes_per_class: dict[str, list[int]]):
+    """Cases whose tissue-source sites go with their labels, as TCGA's do."""
+    cases, labels, sites = [], [], []
+    for label, sizes in sizes_per_class.items():
+        for s, size in enumerate(sizes):
+            site = f"{label}{s}"
+            for _ in range(size):
+                cases.append(f"TCGA-{site}-{len(cases):04d}")
+                labels.append(label)
+                sites.append(site)
+    return cases, labels, sites
+
+
+def test_site_preserving_folds_balance_labels_when_sites_go_with_labels():
+    """Two classes, five equal sites each, none shared: size-only site assignment gave
+    single-class test folds; the stratified grouped folds put both classes in every fold."""
+    cases, labels, sites = _kidney_like({"CCRCC": [10] * 5, "PRCC": [10] * 5})
+    for seed in (1, 2, 3):
+        df = make_splits(cases, labels, folds=5, seed=seed, sites=sites, cover=labels)
+        _assert_valid(df, cases, 5)
+        lab = dict(zip(cases, labels, strict=True))
+        for k in range(5):
+            test = fold_cases(df, k)["test"]
+            assert Counter(lab[c] for c in test) == {"CCRCC": 10, "PRCC": 10}, (seed, k)
+        check_splits(df, sites=dict(zip(cases, sites, strict=True)))
+    from train.splits import fold_balance
+
+    balance = fold_balance(df, lab)
+    assert balance["n_CCRCC"].tolist() == [10] * 5 and balance["max_share_diff"].max() == 0.0
+
+
+def test_site_preserving_refuses_a_class_from_too_few_sites_before_training():
+    cases, labels, sites = _kidney_like({"CCRCC": [8] * 5, "PRCC": [8] * 5, "CHRCC": [6, 6]})
+    with pytest.raises(SplitError) as err:
+        make_splits(cases, labels, folds=5, seed=1, sites=sites, cover=labels)
+    msg = str(err.value)
+    assert "CHRCC: 12 case(s) at 2 site(s) (CHRCC0, CHRCC1), fewer sites than the 5 folds" in msg
+    assert "CCRCC:" not in msg and "PRCC:" not in msg
+    # Two folds can hold every class.
+    df = make_splits(cases, labels, folds=2, seed=1, sites=sites, cover=labels)
+    lab = dict(zip(cases, labels, strict=True))
+    for k in range(2):
+        assert {lab[c] for c in fold_cases(df, k)["test"]} == {"CCRCC", "PRCC", "CHRCC"}
+
+
+def test_site_preserving_survival_folds_need_an_event_in_every_test_fold():
+    cases, labels, sites = _kidney_like({"e": [3, 3], "c": [5] * 6})
+    events = ["event" if lab == "e" else "censored" for lab in labels]
+    with pytest.raises(SplitError, match=r"event: 6 case\(s\) at 2 site\(s\) \(e0, e1\)"):
+        make_splits(cases, labels, folds=3, sites=sites, cover=events, cover_values=["event"])
+
+
+def test_repeated_test_cases_of_monte_carlo_splits():
+    from train.splits import repeated_test_cases
+
+    df = pd.DataFrame(
+        {
+            "case_id": ["a", "b", "c", "a", "b", "c"],
+            "fold": [0, 0, 0, 1, 1, 1],
+            "role": ["test", "train", "val", "test", "val", "train"],
+        }
+    )
+    assert repeated_test_cases(df) == ["a"]
+    assert repeated_test_cases(make_splits(_cases(20), ["0", "1"] * 10, folds=4)) == []

@@ -236,3 +236,75 @@ def test_slides_of_a_case_compared_by_value_not_spelling(tmp_path):
     assert f"row 3: slide_id='{extra}'" in msg
     msg = _error(csv("12", "1", "12", "0"), syn.features_dir, task="survival")
     assert "slides of one case with different survival_months/event" in msg
+
+
+def _copy_features(sub, tmp_path):
+    import shutil
+
+    feats = tmp_path / "features"
+    shutil.copytree(sub.features_dir, feats)
+    return feats
+
+
+def test_a_cohort_csv_that_is_not_utf8_is_one_line_naming_file_and_line(sub, tmp_path):
+    r = sub.table
+    text = "slide_id,case_id,label\n" + "".join(
+        f"{x['slide_id']},{x['case_id']},{x['label']}\n" for x in r
+    )
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes((text + f"{r[0]['slide_id']}-x,Ramón,A\n").encode("latin-1"))
+    msg = _error(csv, sub.features_dir, task="subtype")
+    assert msg == (
+        f"{csv}: not UTF-8 text (byte 0xf3 on line {len(r) + 2}); save the table as UTF-8"
+    )
+
+
+def test_nan_in_one_slide_fails_its_case_not_the_cohort(sub, tmp_path):
+    feats = _copy_features(sub, tmp_path)
+    sid = sub.table[2]["slide_id"]
+    case_id = sub.table[2]["case_id"]
+    with h5py.File(feats / f"{sid}.h5", "r+") as f:
+        f["region_features"][1, 5] = np.nan
+    cohort = load_cohort(sub.csv_path, feats, task="subtype")
+    assert case_id not in cohort.case_ids and len(cohort.cases) == 5
+    assert cohort.excluded == [
+        {
+            "case_id": case_id,
+            "slide_id": sid,
+            "reason": f"{feats / (sid + '.h5')}: region_features holds 1 NaN or infinite value(s)",
+        }
+    ]
+    # The bag reader refuses a file that went bad after the check.
+    other = cohort.cases[0]
+    with h5py.File(feats / f"{other.slide_ids[0]}.h5", "r+") as f:
+        f["region_features"][0, 0] = np.inf
+    with pytest.raises(CohortError, match="holds NaN or inf"):
+        BagStore(cohort, "region_features").bag(other.case_id)
+
+
+def test_region_features_as_a_group_names_the_file(sub, tmp_path):
+    feats = _copy_features(sub, tmp_path)
+    sid = sub.table[0]["slide_id"]
+    with h5py.File(feats / f"{sid}.h5", "r+") as f:
+        del f["region_features"]
+        if "features" in f:
+            del f["features"]
+        f.create_group("region_features")
+    msg = _error(sub.csv_path, feats, task="subtype")
+    path = feats / f"{sid}.h5"
+    assert (
+        f"row 2: slide_id='{sid}': {path}: region_features is an HDF5 group, not a dataset" in msg
+    )
+
+
+@pytest.mark.parametrize("bad", ["../outside", ".hidden", "a/b"])
+def test_ids_that_would_escape_the_features_folder_are_refused(sub, tmp_path, bad):
+    r = sub.table
+    csv = _write(
+        tmp_path,
+        f"slide_id,case_id,label\n{bad},{r[0]['case_id']},A\n{r[1]['slide_id']},{bad},B\n",
+    )
+    msg = _error(csv, sub.features_dir, task="subtype")
+    assert "unsafe as a file name" in msg
+    assert f"row 2: slide_id={bad!r}" in msg and f"case_id={bad!r}" in msg
+    assert "no features file" not in msg  # no path was made from the bad id

@@ -33,6 +33,8 @@ def _cfg(csv, features_dir, out, **over):
         "splits": {"folds": 5},
         "train": {"epochs": 10, "lr": 3e-4, "patience": 0, "progress": False},
     }
+    if "model" in over:  # another model takes its own kwargs, not abmil's
+        base["model"] = over.pop("model")
     return validate(merge(merge(default_config(), base), over))
 
 
@@ -49,12 +51,10 @@ def test_recovers_known_hazards(tmp_path):
     m = FoldRunner(
         cfg, cohort, BagStore(cohort, "region_features"), cases, 0, tmp_path / "f0"
     ).run()
-    test = [cohort.case(c) for c in cases["test"]]
-    oracle = concordance_index(
-        [c.time for c in test], [-syn.log_hazard[c.case_id] for c in test], [c.event for c in test]
-    )
+    oracle = syn.oracle_c_index(cases["test"])  # the true log-hazard on the same cases
     assert oracle > 0.75  # the data carry the signal
     assert m["test"]["c_index"] >= 0.75, (m["test"]["c_index"], oracle)
+    assert m["test"]["c_index"] >= oracle - 0.1, (m["test"]["c_index"], oracle)
     assert m["test"]["cox_per_sd"]["hr"] > 1.5  # higher predicted risk → higher observed hazard
     assert m["test"]["logrank_p"] < 0.05
 
@@ -106,7 +106,7 @@ def test_nll_model_matches_cox_on_rossi(tmp_path):
         tmp_path / "cohort.csv",
         tmp_path / "features",
         tmp_path / "runs",
-        model={"kwargs": {"hidden_dim": 0, "dropout": 0.0}},
+        model={"name": "abmil", "kwargs": {"hidden_dim": 0, "dropout": 0.0}},
         train={"epochs": 8, "lr": 0.03, "accumulate": 8, "weight_decay": 0.0},
     )
     cohort = load_cohort(cfg["csv"], cfg["features_dir"], task="survival")

@@ -1,5 +1,6 @@
 """Training and evaluation of one fold: one bag per step, real gradient accumulation, model
-selection on the validation set, one test pass with the selected model.
+selection on the validation set (or the last epoch, the original HIPT protocol), one test pass
+with the selected model.
 
 Everything a fold writes goes through temp + rename, and ``metrics.json`` is written last, so a
 fold folder with a valid ``metrics.json`` is complete. An unfinished fold resumes after its last
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from hipt.models import create_model
 from hipt.models.slide import load_slide_model
 from hipt.survival import bin_edges, nll_loss, risk_from_logits, survival_curve, to_bins
 from train.data import BagStore, Cohort
-from train.metrics import classification_metrics, concordance, survival_metrics
+from train.metrics import classification_metrics, concordance, risk_groups, survival_metrics
 from train.plots import km_png, roc_png
 
 METRICS_FILE = "metrics.json"
@@ -86,16 +88,29 @@ def make_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.O
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
 
 
-def _json_safe(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """``x`` with NaN and inf as ``None`` and NumPy scalars as Python ones, for ``json.dumps``."""
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, np.generic):
-        return _json_safe(x.item())
+        return json_safe(x.item())
     return x
+
+
+@dataclass
+class _Progress:
+    """Where a fold's training stands: the selected epoch and state, the history so far."""
+
+    best_score: float = float("nan")
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start: int = 0
+    stopped: bool = False
 
 
 def _better(score: float, best: float) -> bool:
@@ -240,7 +255,7 @@ class FoldRunner:
                 np.array([c.event for c in cs]),
                 risk_from_logits(logits).numpy(),
             )
-        return (-loss if self.tr["select_on"] == "loss" else metric), metric
+        return (-loss if self.tr["select_on"] in ("loss", "last") else metric), metric
 
     def _check_selectable(self) -> None:
         """Refuse a metric-based selection that the fold's val cases cannot score.
@@ -248,7 +263,7 @@ class FoldRunner:
         The val AUC needs two classes and the val c-index a comparable pair; otherwise the score
         is NaN at every epoch and the first epoch's model would be kept without a word.
         """
-        if self.tr["select_on"] == "loss":
+        if self.tr["select_on"] in ("loss", "last"):
             return
         val = [self.cohort.case(c) for c in self.cases["val"]]
         if self.task == "subtype":
@@ -295,7 +310,8 @@ class FoldRunner:
 
     # ------------------------------------------------------------------ fold
     def run(self) -> dict[str, Any]:
-        """Train with model selection on val, test once, write the fold's files; return its metrics."""
+        """Train, select the model (best val epoch, or the last with ``select_on: last``), test
+        it once and write the fold's files; return its metrics."""
         self._check_selectable()
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.fold_dir.glob(".*.tmp-*"):
@@ -305,25 +321,60 @@ class FoldRunner:
         gen = torch.Generator().manual_seed(seed)
         model = build_model(self.cfg, self.cohort).to(self.device)
         opt = make_optimizer(self.cfg, model)
-        epochs, patience = int(self.tr["epochs"]), int(self.tr["patience"])
-        best_score, best_epoch, best_state = float("nan"), -1, None
-        history: list[dict[str, Any]] = []
-        start, stopped = 0, False
         fingerprint = self._fingerprint()
+        progress = self._resume(model, opt, gen, fingerprint)
+        self._train(model, opt, gen, fingerprint, progress)
+        model.load_state_dict(progress.best_state)
+        with atomic_path(self.fold_dir / CHECKPOINT_FILE) as tmp:
+            torch.save({k: v.cpu() for k, v in progress.best_state.items()}, tmp)
+        write_text_atomic(
+            self.fold_dir / "history.csv", pd.DataFrame(progress.history).to_csv(index=False)
+        )
+        metrics = self._test(model, progress, seed)
+        write_text_atomic(self.fold_dir / METRICS_FILE, json.dumps(json_safe(metrics), indent=2))
+        (self.fold_dir / RESUME_FILE).unlink(missing_ok=True)
+        return metrics
+
+    def _resume(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+        fingerprint: str,
+    ) -> _Progress:
+        """Where training stands: from ``resume.pt`` when it matches this fold, else epoch 0."""
         resume = self._load_resume(fingerprint)
-        if resume is not None:
-            model.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["optimizer"])
-            gen.set_state(resume["generator"])
-            torch.set_rng_state(resume["torch_rng"])
-            if "cuda_rng" in resume and torch.cuda.is_available():
-                torch.cuda.set_rng_state(resume["cuda_rng"])
-            best_score, best_epoch = float(resume["best_score"]), int(resume["best_epoch"])
-            best_state, history = resume["best_state"], list(resume["history"])
-            start, stopped = int(resume["epoch"]) + 1, bool(resume["stopped"])
+        if resume is None:
+            return _Progress()
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        if "cuda_rng" in resume and torch.cuda.is_available():
+            torch.cuda.set_rng_state(resume["cuda_rng"])
+        return _Progress(
+            best_score=float(resume["best_score"]),
+            best_epoch=int(resume["best_epoch"]),
+            best_state=resume["best_state"],
+            history=list(resume["history"]),
+            start=int(resume["epoch"]) + 1,
+            stopped=bool(resume["stopped"]),
+        )
+
+    def _train(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+        fingerprint: str,
+        progress: _Progress,
+    ) -> None:
+        """The epochs left: train, score on val, keep the selected state, save ``resume.pt``."""
+        epochs, patience = int(self.tr["epochs"]), int(self.tr["patience"])
+        last = self.tr["select_on"] == "last"  # the original protocol: no selection, no stop
         bar = tqdm(
-            range(start, epochs if not stopped else start),
-            initial=start,
+            range(progress.start, epochs if not progress.stopped else progress.start),
+            initial=progress.start,
             total=epochs,
             desc=f"fold {self.fold}",
             unit="epoch",
@@ -334,7 +385,7 @@ class FoldRunner:
             train_loss = self.train_epoch(model, opt, gen)
             val_logits, _, val_loss = self.predict(model, self.cases["val"])
             score, metric = self._score(self.cases["val"], val_logits, val_loss)
-            history.append(
+            progress.history.append(
                 {
                     "epoch": epoch,
                     "train_loss": train_loss,
@@ -342,49 +393,61 @@ class FoldRunner:
                     "val_metric": metric,
                 }
             )
-            if best_state is None or _better(score, best_score):
-                best_score, best_epoch = score, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best_epoch)
+            if last or progress.best_state is None or _better(score, progress.best_score):
+                progress.best_score, progress.best_epoch = score, epoch
+                progress.best_state = copy.deepcopy(model.state_dict())
+            bar.set_postfix(
+                train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=progress.best_epoch
+            )
             stop = bool(
-                patience
+                not last
+                and patience
                 and epoch + 1 >= int(self.tr["min_epochs"])
-                and epoch - best_epoch >= patience
+                and epoch - progress.best_epoch >= patience
             )
             self._save_resume(
-                fingerprint,
-                {
-                    "epoch": epoch,
-                    "stopped": stop,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    **(
-                        {"cuda_rng": torch.cuda.get_rng_state()}
-                        if torch.cuda.is_available()
-                        else {}
-                    ),
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "best_state": best_state,
-                    "history": history,
-                },
+                fingerprint, self._resume_state(model, opt, gen, epoch, stop, progress)
             )
             if stop:
                 break
         bar.close()
-        model.load_state_dict(best_state)
-        with atomic_path(self.fold_dir / CHECKPOINT_FILE) as tmp:
-            torch.save({k: v.cpu() for k, v in best_state.items()}, tmp)
-        hist = pd.DataFrame(history)
-        write_text_atomic(self.fold_dir / "history.csv", hist.to_csv(index=False))
 
+    @staticmethod
+    def _resume_state(
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+        epoch: int,
+        stopped: bool,
+        progress: _Progress,
+    ) -> dict[str, Any]:
+        cuda = {"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+        return {
+            "epoch": epoch,
+            "stopped": stopped,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            **cuda,
+            "best_score": progress.best_score,
+            "best_epoch": progress.best_epoch,
+            "best_state": progress.best_state,
+            "history": progress.history,
+        }
+
+    def _test(self, model: torch.nn.Module, progress: _Progress, seed: int) -> dict[str, Any]:
+        """Test the selected model once; write ``predictions.csv`` and the plot; the metrics."""
         test_ids = self.cases["test"]
         logits, attn, test_loss = self.predict(model, test_ids)
-        preds, test_metrics = self._evaluate(test_ids, logits, attn)
+        threshold = None
+        if self.task == "survival":
+            # Risk groups split at the training cases' median risk, fixed before the test set.
+            train_logits, _, _ = self.predict(model, self.cases["train"])
+            threshold = float(np.median(risk_from_logits(train_logits).numpy()))
+        preds, test_metrics = self._evaluate(test_ids, logits, attn, threshold)
         write_text_atomic(self.fold_dir / "predictions.csv", preds.to_csv(index=False))
-        val_row = history[best_epoch]
+        val_row = progress.history[progress.best_epoch]
         metrics = {
             "status": "complete",
             "fold": self.fold,
@@ -394,20 +457,23 @@ class FoldRunner:
             "checkpoint": CHECKPOINT_FILE,
             "seed": seed,
             "selected_on": self.tr["select_on"],
-            "best_epoch": best_epoch,
-            "epochs_run": len(history),
+            "best_epoch": progress.best_epoch,
+            "epochs_run": len(progress.history),
             "n_cases": {r: len(v) for r, v in self.cases.items()},
             "val": {"loss": val_row["val_loss"], "metric": val_row["val_metric"]},
             "test": {"loss": test_loss, **test_metrics},
         }
         if self.task == "survival":
             metrics["bin_edges"] = [float(e) for e in self.edges]
-        write_text_atomic(self.fold_dir / METRICS_FILE, json.dumps(_json_safe(metrics), indent=2))
-        (self.fold_dir / RESUME_FILE).unlink(missing_ok=True)
+            metrics["risk_threshold"] = threshold
         return metrics
 
     def _evaluate(
-        self, case_ids: list[str], logits: torch.Tensor, attn: list[torch.Tensor]
+        self,
+        case_ids: list[str],
+        logits: torch.Tensor,
+        attn: list[torch.Tensor],
+        threshold: float | None = None,
     ) -> tuple[pd.DataFrame, dict[str, Any]]:
         cases = [self.cohort.case(c) for c in case_ids]
         base = pd.DataFrame(
@@ -440,10 +506,18 @@ class FoldRunner:
         base["survival_months"] = times
         base["event"] = events
         base["risk"] = risk
+        base["high_risk"] = risk_groups(risk, threshold)
         for k in range(surv.shape[1]):
             base[f"survival_bin{k}"] = surv[:, k]
-        metrics = survival_metrics(times, events, risk)
-        km_png(times, events, risk, self.fold_dir / "km.png", title=title, p=metrics["logrank_p"])
+        metrics = survival_metrics(times, events, risk, threshold)
+        km_png(
+            times,
+            events,
+            base["high_risk"].to_numpy(),
+            self.fold_dir / "km.png",
+            title=title,
+            p=metrics["logrank_p"],
+        )
         metrics["plots"] = ["km.png"]
         return base, metrics
 

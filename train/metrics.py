@@ -41,6 +41,9 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Macro OvR AUC, balanced accuracy, accuracy, per-class F1 and the confusion matrix.
 
+    The AUC and the balanced accuracy are NaN where the test set cannot define them (one class
+    only; balanced accuracy also when any class is missing).
+
     Parameters
     ----------
     y : int array [N]
@@ -56,9 +59,13 @@ def classification_metrics(
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     pred = probs.argmax(axis=1)
     labels = list(range(k))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # balanced accuracy warns when a class has no prediction
-        bacc = float(balanced_accuracy_score(y, pred))
+    # Balanced accuracy is the mean recall over the classes: a test set without some class
+    # (a single-class fold) has no recall for it, so no number is reported.
+    bacc = float("nan")
+    if len(y) and set(y.tolist()) == set(labels):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # warns when a class has no prediction
+            bacc = float(balanced_accuracy_score(y, pred))
     f1 = f1_score(y, pred, labels=labels, average=None, zero_division=0)
     return {
         "auc": macro_ovr_auc(y, probs),
@@ -88,8 +95,12 @@ def concordance(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> floa
         return float("nan")
 
 
-def _cox_hr(times: np.ndarray, events: np.ndarray, x: np.ndarray) -> dict[str, float]:
-    """Hazard ratio (95% CI, p) of a one-covariate Cox model; NaNs when it cannot be fitted."""
+def cox_hazard_ratio(times: np.ndarray, events: np.ndarray, x: np.ndarray) -> dict[str, float]:
+    """Hazard ratio (95% CI, p) of a one-covariate Cox model; NaNs when it cannot be fitted.
+
+    For a group indicator (0/1), a group without events makes the likelihood grow without
+    bound (separation): the ratio is then undefined, NaN, not a huge number.
+    """
     import pandas as pd
     from lifelines import CoxPHFitter
 
@@ -99,7 +110,12 @@ def _cox_hr(times: np.ndarray, events: np.ndarray, x: np.ndarray) -> dict[str, f
         "hr_upper95": float("nan"),
         "p": float("nan"),
     }
-    if np.std(x) == 0 or not np.asarray(events).any():
+    x, events = np.asarray(x, dtype=float), np.asarray(events).astype(bool)
+    if np.std(x) == 0 or not events.any():
+        return nan
+    if set(np.unique(x).tolist()) <= {0.0, 1.0} and not (
+        events[x == 1].any() and events[x == 0].any()
+    ):
         return nan
     df = pd.DataFrame({"t": times, "e": events, "x": x})
     try:
@@ -109,42 +125,59 @@ def _cox_hr(times: np.ndarray, events: np.ndarray, x: np.ndarray) -> dict[str, f
     except Exception:  # lifelines raises several types on separation / no convergence
         return nan
     s = cph.summary.loc["x"]
-    return {
+    out = {
         "hr": float(s["exp(coef)"]),
         "hr_lower95": float(s["exp(coef) lower 95%"]),
         "hr_upper95": float(s["exp(coef) upper 95%"]),
         "p": float(s["p"]),
     }
+    return out if all(np.isfinite(v) for v in out.values()) else nan
 
 
-def risk_groups(risk: np.ndarray) -> np.ndarray:
-    """1 for cases above the median risk (high-risk group), else 0."""
-    risk = np.asarray(risk, dtype=float)
-    return (risk > np.median(risk)).astype(np.int64)
+def risk_groups(risk: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """1 for cases above ``threshold`` (high-risk group), else 0.
 
-
-def survival_metrics(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
-    """c-index, log-rank p of median-split risk groups, and Cox hazard ratios of the risk score.
-
-    ``cox_per_sd`` is the hazard ratio per standard deviation of the risk score;
-    ``cox_high_vs_low`` that of the high-risk group against the low-risk group.
+    The threshold is the median risk of the fold's training cases, fixed before the test set is
+    seen; without one, the median of ``risk`` itself.
     """
+    risk = np.asarray(risk, dtype=float)
+    cut = float(np.median(risk)) if threshold is None else float(threshold)
+    return (risk > cut).astype(np.int64)
+
+
+def logrank_p(times: np.ndarray, events: np.ndarray, high: np.ndarray) -> float:
+    """Log-rank p-value of the high- against the low-risk group; NaN with an empty group."""
     from lifelines.statistics import logrank_test
 
+    times, events, high = np.asarray(times, float), np.asarray(events, int), np.asarray(high)
+    if not (high.any() and (1 - high).any() and events.any()):
+        return float("nan")
+    res = logrank_test(times[high == 1], times[high == 0], events[high == 1], events[high == 0])
+    return float(res.p_value)
+
+
+def survival_metrics(
+    times: np.ndarray, events: np.ndarray, risk: np.ndarray, threshold: float | None = None
+) -> dict[str, Any]:
+    """c-index, log-rank p of the risk groups, and Cox hazard ratios of the risk score.
+
+    Groups split the risk at ``threshold`` (:func:`risk_groups`). ``cox_per_sd`` is the hazard
+    ratio per standard deviation of the risk score; ``cox_high_vs_low`` that of the high-risk
+    group against the low-risk group.
+    """
     times = np.asarray(times, dtype=float)
     events = np.asarray(events, dtype=np.int64)
     risk = np.asarray(risk, dtype=float)
-    high = risk_groups(risk)
-    p = float("nan")
-    if high.any() and (1 - high).any() and events.any():
-        res = logrank_test(times[high == 1], times[high == 0], events[high == 1], events[high == 0])
-        p = float(res.p_value)
+    high = risk_groups(risk, threshold)
     sd = np.std(risk)
     return {
         "c_index": concordance(times, events, risk),
-        "logrank_p": p,
-        "cox_per_sd": _cox_hr(times, events, (risk - risk.mean()) / sd if sd > 0 else risk),
-        "cox_high_vs_low": _cox_hr(times, events, high.astype(float)),
+        "logrank_p": logrank_p(times, events, high),
+        "cox_per_sd": cox_hazard_ratio(
+            times, events, (risk - risk.mean()) / sd if sd > 0 else risk
+        ),
+        "cox_high_vs_low": cox_hazard_ratio(times, events, high.astype(float)),
         "n": int(len(times)),
         "n_events": int(events.sum()),
+        "n_high_risk": int(high.sum()),
     }

@@ -15,7 +15,6 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import auc, roc_curve  # noqa: E402
 
 from hipt.atomic import atomic_path  # noqa: E402
-from train.metrics import risk_groups  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -50,23 +49,24 @@ def roc_png(
         xlim=(0, 1),
         ylim=(0, 1.01),
     )
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no curve when the test set has one class
+        ax.legend(loc="lower right", fontsize=8)
     return _save(fig, Path(path))
 
 
 def km_png(
     times: np.ndarray,
     events: np.ndarray,
-    risk: np.ndarray,
+    high: np.ndarray,
     path: str | os.PathLike,
     title: str = "",
     p: float | None = None,
 ) -> Path:
-    """Kaplan–Meier curves of the predicted low- and high-risk groups (median split of risk)."""
+    """Kaplan–Meier curves of the predicted low- and high-risk groups (``high`` 1 / 0 per case,
+    :func:`train.metrics.risk_groups`)."""
     from lifelines import KaplanMeierFitter
 
-    times, events = np.asarray(times, float), np.asarray(events, int)
-    high = risk_groups(risk)
+    times, events, high = np.asarray(times, float), np.asarray(events, int), np.asarray(high)
     fig, ax = plt.subplots(figsize=(5, 4))
     for g, name in ((0, "low risk"), (1, "high risk")):
         m = high == g

@@ -2,7 +2,14 @@
 
 Splitting is by **case** (patient), never by slide, so no patient's slides are on both sides. A
 split table has one row per (case, fold): ``case_id, fold, role`` with role ``train``, ``val`` or
-``test``. Every case is in the test set of exactly one fold.
+``test``. Every case of a generated split is in the test set of exactly one fold; a user's split
+file may test a case in several folds (Monte-Carlo splits), which :func:`repeated_test_cases`
+finds.
+
+Site-preserving folds keep every tissue-source site whole (scikit-learn's
+``StratifiedGroupKFold``, sites as groups) and still balance the strata. When sites go with
+labels, as TCGA's do, that can be impossible; :func:`make_splits` then refuses before any
+training, naming the classes and the sites that hold them.
 
 Examples
 --------
@@ -18,14 +25,17 @@ Examples
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 from hipt.atomic import atomic_path
+from train.rows import format_rows
 
 ROLES = ("train", "val", "test")
 
@@ -73,6 +83,8 @@ def make_splits(
     val_fraction: float = 0.15,
     seed: int = 1,
     sites: Sequence[str] | None = None,
+    cover: Sequence[str] | None = None,
+    cover_values: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Make k-fold train/val/test splits of cases.
 
@@ -90,13 +102,25 @@ def make_splits(
     seed : int
         Seed of the shuffles.
     sites : sequence of str, optional
-        Tissue-source site of each case. When given, whole sites are assigned to test folds so no
-        site is in both train and test of a fold (val is drawn from the training sites).
+        Tissue-source site of each case. When given, whole sites go to test folds
+        (``StratifiedGroupKFold`` on ``strata`` with sites as groups), so no site is in both train
+        and test of a fold (val is drawn from the training sites).
+    cover : sequence of str, optional
+        With ``sites``: a value per case (the class name; ``event`` / ``censored``) that every
+        test fold must hold; folds that cannot are refused with the classes and sites named.
+    cover_values : sequence of str, optional
+        The values of ``cover`` each test fold needs (default: all of them).
 
     Returns
     -------
     pandas.DataFrame
         Columns ``case_id, fold, role``, sorted by fold then case.
+
+    Raises
+    ------
+    SplitError
+        Duplicate cases, too few cases or sites, or site-preserving folds that cannot give every
+        test fold each ``cover_values`` value.
     """
     case_ids = np.asarray([str(c) for c in case_ids])
     strata = np.asarray([str(s) for s in strata])
@@ -109,25 +133,14 @@ def make_splits(
     if n < folds:
         raise SplitError(f"{n} cases cannot fill {folds} folds")
     rng = np.random.default_rng(seed)
-    test_fold = np.full(n, -1, dtype=np.int64)
     if sites is None:
+        test_fold = np.full(n, -1, dtype=np.int64)
         order = _ordered_by_stratum(np.arange(n), strata, rng)
         test_fold[order] = np.arange(n) % folds
     else:
         sites = np.asarray([str(s) for s in sites])
-        uniq = sorted(set(sites.tolist()))
-        if len(uniq) < folds:
-            raise SplitError(
-                f"site-preserving splits need at least {folds} sites, found {len(uniq)}: {uniq}"
-            )
-        sizes = {s: int((sites == s).sum()) for s in uniq}
-        # Largest sites first, each to the currently smallest fold (ties broken at random).
-        tiebreak = {s: r for s, r in zip(uniq, rng.permutation(len(uniq)), strict=True)}
-        fill = np.zeros(folds, dtype=np.int64)
-        for s in sorted(uniq, key=lambda s: (-sizes[s], tiebreak[s])):
-            k = int(np.argmin(fill))
-            test_fold[sites == s] = k
-            fill[k] += sizes[s]
+        cover = None if cover is None else np.asarray([str(v) for v in cover])
+        test_fold = _site_test_folds(strata, sites, folds, seed, cover, cover_values)
     rows = []
     for k in range(folds):
         role = np.where(test_fold == k, "test", "train").astype(object)
@@ -143,6 +156,114 @@ def make_splits(
         sites=None if sites is None else dict(zip(case_ids, sites, strict=True)),
     )
     return df
+
+
+def _sites_of(sites: np.ndarray, mask: np.ndarray) -> str:
+    return ", ".join(sorted(set(sites[mask].tolist())))
+
+
+def _site_test_folds(
+    strata: np.ndarray,
+    sites: np.ndarray,
+    folds: int,
+    seed: int,
+    cover: np.ndarray | None,
+    cover_values: Sequence[str] | None,
+) -> np.ndarray:
+    """Test fold of each case: whole sites per fold, strata balanced by ``StratifiedGroupKFold``.
+
+    Refuses (before any training) when a value of ``cover`` lives in fewer sites than there are
+    folds, or when the folds found leave a test fold without one; the message names the values,
+    the folds and the sites.
+    """
+    uniq = sorted(set(sites.tolist()))
+    if len(uniq) < folds:
+        raise SplitError(
+            f"site-preserving splits need at least {folds} sites, found {len(uniq)}: {uniq}"
+        )
+    needed: list[str] = []
+    if cover is not None:
+        needed = sorted(set(cover.tolist()) if cover_values is None else set(cover_values))
+    problems = []
+    for value in needed:
+        held = cover == value
+        n_sites = len(set(sites[held].tolist()))
+        if n_sites < folds:
+            problems.append(
+                f"  {value}: {int(held.sum())} case(s) at {n_sites} site(s) ({_sites_of(sites, held)}), "
+                f"fewer sites than the {folds} folds"
+            )
+    if problems:
+        raise SplitError(
+            "site-preserving splits cannot give every test fold each class, because these "
+            "classes come from too few sites:\n" + "\n".join(problems) + "\n  use fewer "
+            "folds (splits.folds), or splits.site_preserving: false"
+        )
+    # StratifiedGroupKFold warns when a stratum has fewer members than folds; the cover check
+    # above and the fold-balance table say what matters instead.
+    kfold = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    test_fold = np.full(len(strata), -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (_, test) in enumerate(kfold.split(np.zeros(len(strata)), strata, sites)):
+            test_fold[test] = k
+    for value in needed:
+        for k in range(folds):
+            if not ((test_fold == k) & (cover == value)).any():
+                problems.append(
+                    f"  fold {k}: its test sites ({_sites_of(sites, test_fold == k)}) hold no "
+                    f"{value} case ({value} is at sites {_sites_of(sites, cover == value)})"
+                )
+    if problems:
+        raise SplitError(
+            "site-preserving splits found no folds where every test fold holds each class:\n"
+            + "\n".join(problems)
+            + "\n  use fewer folds (splits.folds), another seed, or splits.site_preserving: false"
+        )
+    return test_fold
+
+
+def fold_balance(df: pd.DataFrame, value_of: dict[str, str]) -> pd.DataFrame:
+    """How far each fold's test mix is from the cohort's: counts and largest share difference.
+
+    Parameters
+    ----------
+    df : DataFrame
+        A split table.
+    value_of : dict
+        case id → class (subtyping label; ``event`` / ``censored`` for survival).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per fold: ``fold, n_test, n_<value>...`` and ``max_share_diff``, the largest
+        absolute difference between a value's share of the test set and of the cohort.
+
+    Examples
+    --------
+    >>> s = pd.DataFrame({"case_id": list("abcd"), "fold": [0, 0, 1, 1], "role": ["test"] * 4})
+    >>> fold_balance(s, dict(a="X", b="Y", c="X", d="X"))["max_share_diff"].tolist()
+    [0.25, 0.25]
+    """
+    values = sorted(set(value_of.values()))
+    cohort = pd.Series(list(value_of.values())).value_counts(normalize=True)
+    rows = []
+    for k, part in df[df["role"] == "test"].groupby("fold"):
+        got = part["case_id"].astype(str).map(value_of).value_counts()
+        n = int(got.sum())
+        row: dict[str, float | int] = {"fold": int(k), "n_test": n}
+        row.update({f"n_{v}": int(got.get(v, 0)) for v in values})
+        diffs = [abs(got.get(v, 0) / max(n, 1) - cohort.get(v, 0.0)) for v in values]
+        row["max_share_diff"] = round(float(max(diffs)), 4) if diffs else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def repeated_test_cases(df: pd.DataFrame) -> list[str]:
+    """Case ids tested in more than one fold (Monte-Carlo splits); pooling needs none."""
+    tested = df.loc[df["role"] == "test", "case_id"].astype(str)
+    counts = tested.value_counts()
+    return sorted(counts[counts > 1].index)
 
 
 def check_splits(
@@ -194,15 +315,8 @@ def check_splits(
             )
 
 
-def _rows(df: pd.DataFrame, limit: int = 20) -> str:
-    # Row numbers as in the CSV file: header is line 1, first data row line 2.
-    lines = [
-        f"  row {i + 2}: " + ", ".join(f"{c}={r[c]}" for c in df.columns)
-        for i, r in df.head(limit).iterrows()
-    ]
-    if len(df) > limit:
-        lines.append(f"  ... and {len(df) - limit} more")
-    return "\n".join(lines)
+def _rows(df: pd.DataFrame) -> str:
+    return format_rows(df, quote=False, indent="  ")
 
 
 def write_splits(df: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 __all__ = [
     "CheckpointError",
     "adapt_pos_embed",
+    "arch_kwargs",
     "extract_state_dict",
     "file_sha256",
     "load_encoder_weights",
@@ -78,28 +79,68 @@ def read_checkpoint(path: str | os.PathLike[str]) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
+    foreign = _not_a_torch_file(path)
+    if foreign:
+        raise CheckpointError(f"{path}: {foreign}")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: {_unpickling_reason(str(exc))}") from exc
     except Exception as exc:  # a truncated file or a foreign format surfaces as many types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = _first_line(str(exc))
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {reason})"
         ) from exc
 
 
+# torch.save writes a zip archive (since torch 1.6) or, in the legacy format, a pickle stream
+# (protocol 2+ starts with 0x80). Anything else is a foreign file: saying so beats the KeyError
+# or EOFError torch's unpickler raises on it.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        return "an empty file (0 bytes), not a torch checkpoint; download or copy it again"
+    if head.startswith(_TORCH_MAGIC):
+        return None
+    kind = "a text file" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "not a zip"
+    return (
+        f"not a torch checkpoint ({kind}: it starts with {head!r}, while torch.save files are "
+        "zip archives or pickles); pass the .pth weights file"
+    )
+
+
+def _first_line(message: str) -> str:
+    # torch's messages end with advice, including to load with weights_only=False, which would
+    # run the file's code: keep only the first line, never that advice.
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return re.sub(r"\s*\(?[^.]*weights_only=False[^.]*\.?\)?", "", line).strip()
+
+
 def _unpickling_reason(message: str) -> str:
-    # torch's message is many lines of advice; keep only the part that names the problem.
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    # torch's message is many lines of advice (among them: load with weights_only=False, which
+    # would run the file's code); keep only the part that names the problem.
+    found = (
+        re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        or re.search(r"unsupported GLOBAL ([\w.]+)", message)
+        or re.search(r"GLOBAL ([\w.]+) was not an allowed global", message)
+    )
     if found:
         return (
-            f"refused: it pickles {found.group(1)}, which is not a tensor or plain data; only "
-            "weights are loaded (torch.load weights_only=True)"
+            f"refused: it pickles {found.group(1)}, which is not a tensor or plain data, and "
+            "loading it could run code; only weights are loaded (torch.load weights_only=True). "
+            "Export the state dict (a dict of tensors) from a trusted copy"
         )
     found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", message, re.S)
-    detail = " ".join(found.group(1).split()) if found else message.strip().splitlines()[0]
+    if found:
+        detail = " ".join(found.group(1).split())
+    else:  # the first paragraph is torch's advice; the cause, if any, follows it
+        paragraphs = [p for p in message.split("\n\n") if p.strip() and "weights_only" not in p]
+        detail = " ".join(paragraphs[0].split()) if paragraphs else "refused by the safe loader"
     return f"not a readable weights file (torch.load weights_only=True: {detail})"
 
 
@@ -254,6 +295,26 @@ def adapt_pos_embed(
     if n * n == pos.shape[1] - 1 and grid * grid == target_shape[1] - 1:
         out["pos_embed"] = resize_pos_embed_dino(pos, grid)
     return out
+
+
+def arch_kwargs(path: str | os.PathLike[str] | None, name: str) -> dict:
+    """Builder keywords recorded in a weights file for encoder ``name`` (``{}`` if none).
+
+    hipt's pretraining output records its encoder as ``arch = {"name": ..., "kwargs": {...}}``
+    (e.g. ``{"depth": 2}`` for a shallow test encoder), so it can be rebuilt wherever it is
+    loaded. Released HIPT files have no ``arch``: they are the full-size default. Only the
+    file's index is read (memory-mapped), not its tensors.
+    """
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file, or unreadable: the weights loader will say why
+        return {}
+    arch = obj.get("arch") if isinstance(obj, Mapping) else None
+    if not isinstance(arch, Mapping) or arch.get("name") != name:
+        return {}
+    return dict(arch.get("kwargs") or {})
 
 
 def _describe(keys: list[str], limit: int = 12) -> str:

@@ -74,6 +74,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return _BUILDERS[name](**kwargs)
 
 
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder function registered under ``name`` (e.g. to check its keyword arguments)."""
+    _ensure_loaded()
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[name]
+
+
 def model_info(name: str) -> ModelInfo:
     """Metadata of a registered model."""
     _ensure_loaded()

@@ -212,10 +212,13 @@ def hipt_gp(
     task: str = "classification",
     n_bins: int = 4,
     dropout: float = 0.25,
-    **kwargs: Any,
+    n_layers: int = 2,
+    n_heads: int = 3,
 ) -> HIPTGlobal:
     """HIPT global aggregator on [M, 192] region features."""
-    return HIPTGlobal(_n_out(n_classes, task, n_bins), dropout=dropout, **kwargs)
+    return HIPTGlobal(
+        _n_out(n_classes, task, n_bins), dropout=dropout, n_layers=n_layers, n_heads=n_heads
+    )
 
 
 @register_model(ModelInfo("abmil", kind="slide", extra={"input": "region_features", "in_dim": 192}))
@@ -241,19 +244,42 @@ def hipt_lgp(
     dropout: float = 0.25,
     freeze_vit4k: bool = True,
     vit4k_weights: str | None = None,
+    random_weights: bool = False,
     vit4k_kwargs: dict[str, Any] | None = None,
 ) -> HIPTLGP:
     """HIPT_LGP on [M, 256, 384] patch features.
 
-    ``vit4k_weights`` loads ViT-4K weights (released HIPT file or hipt's own pretraining output);
-    without it the ViT-4K is randomly initialised. ``vit4k_kwargs`` go to ``create_model("vit4k_xs")``.
+    ``vit4k_weights`` loads ViT-4K weights (released HIPT file or hipt's own pretraining output).
+    A frozen random ViT-4K is a feature extractor of noise, so building one without weights is
+    refused unless ``random_weights=True`` asks for it (the paper's "ViT-4K random init"
+    ablation, or tests). ``vit4k_kwargs`` go to ``create_model("vit4k_xs")``.
+
+    Examples
+    --------
+    >>> model = hipt_lgp(random_weights=True, vit4k_kwargs={"depth": 1})
+    >>> hipt_lgp()
+    Traceback (most recent call last):
+    ...
+    ValueError: hipt_lgp: no ViT-4K weights given (model.kwargs.vit4k_weights); set model.kwargs.random_weights: true to use a randomly initialised ViT-4K on purpose
     """
+    from hipt.models.checkpoint import arch_kwargs, load_encoder_weights
     from hipt.models.registry import create_model
 
-    vit4k = create_model("vit4k_xs", **(vit4k_kwargs or {}))
+    if not vit4k_weights and not random_weights:
+        raise ValueError(
+            "hipt_lgp: no ViT-4K weights given (model.kwargs.vit4k_weights); set "
+            "model.kwargs.random_weights: true to use a randomly initialised ViT-4K on purpose"
+        )
+    if vit4k_weights and random_weights:
+        raise ValueError(
+            f"hipt_lgp: both vit4k_weights ({vit4k_weights}) and random_weights: true given; "
+            "choose one"
+        )
+    # Weights that record their architecture (hipt pretraining output) rebuild it.
+    vit4k = create_model(
+        "vit4k_xs", **{**arch_kwargs(vit4k_weights, "vit4k_xs"), **(vit4k_kwargs or {})}
+    )
     if vit4k_weights:
-        from hipt.models.checkpoint import load_encoder_weights
-
         load_encoder_weights(vit4k, vit4k_weights)
     return HIPTLGP(
         vit4k, _n_out(n_classes, task, n_bins), dropout=dropout, freeze_vit4k=freeze_vit4k
