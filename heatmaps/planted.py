@@ -217,7 +217,7 @@ def make_planted_run(
             "mpp_source": "tiff.XResolution",
             "target_mpp": target_mpp,
             "region_size": REGION_PX,
-            "region_size_level0": side,
+            "region_size_level0": int(round(side)),
             "read_level": 0,
             "patch_size": PATCH_PX,
             "token_size": TOKEN_PX,
