@@ -82,6 +82,7 @@ def run_case(root: Path, out: Path, levels: str) -> dict:
         "--no-progress",
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -92,6 +93,8 @@ def run_case(root: Path, out: Path, levels: str) -> dict:
     record = json.loads((out / "planted" / "heatmap.json").read_text())
     return {
         "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "load": load,
         "render_s": record["seconds"],
         "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
         "regions": record["features"]["n_regions"],
@@ -120,16 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         r = run_case(root, args.cache / "out" / label.replace(" ", ""), levels)
         rows.append((label, levels, r))
         print(f"{label}: {r['wall_s']:.1f} s, {r['peak_rss_mib']:.0f} MiB", flush=True)
+    print(f"\nmachine: {os.cpu_count()} CPUs; load average (1 min) before each case in the table")
     phases = ["score", "top_regions", "slide_png", "top_regions_png", "zarr", "geojson"]
-    head = "| slide | levels | regions | wall s | render s | " + " | ".join(phases)
+    head = "| slide | levels | regions | load | wall s | CPU s | render s | " + " | ".join(phases)
     print("\n" + head + " | peak RSS MiB | zarr base px |")
-    print("|" + "---|" * (len(phases) + 7))
+    print("|" + "---|" * (len(phases) + 9))
     for label, levels, r in rows:
         t = " | ".join(f"{r['timings'].get(p, 0):.2f}" for p in phases)
         side = {"small": args.small}.get(label, args.size)
         base = -(-side // int(r["zarr"]["downsample_level0"]))
         print(
-            f"| {label} {side:,}² | {levels} | {r['regions']} | {r['wall_s']:.1f} | "
+            f"| {label} {side:,}² | {levels} | {r['regions']} | {r['load']:.1f} | {r['wall_s']:.1f} | "
+            f"{r['cpu_s']:.1f} | "
             f"{r['render_s']:.1f} | {t} | {r['peak_rss_mib']:.0f} | {base:,}² |"
         )
     return 0

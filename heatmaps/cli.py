@@ -167,11 +167,7 @@ def _one_slide(
 ) -> SlideRecord:
     """Check, skip or render one features file; never raises (a failure is a record)."""
     from heatmaps.pipeline import SlideJob, features_sha256, fingerprint, is_rendered, render_slide
-
-    try:
-        from hipt.names import check_name
-    except ImportError:  # until the shared names module lands
-        from heatmaps._config_fallback import check_name
+    from hipt.names import check_name
 
     t0 = time.perf_counter()
     slide_id = path.stem
@@ -226,6 +222,9 @@ def run_heatmaps(args: argparse.Namespace, cfg: HeatmapConfig) -> int:
     from tqdm import tqdm
 
     out = args.out
+    if (out / "__init__.py").exists():  # e.g. the default "heatmaps" run from a source checkout
+        print(f"hipt heatmap: {out} is a Python package folder; pass --out DIR", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     records = _read_records(out / RECORD_CSV)
     encoders: dict[tuple, object] = {}

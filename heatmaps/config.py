@@ -23,10 +23,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-try:
-    from hipt.config import ConfigError, ConfigModel, config_dict, load_config
-except ImportError:  # until the shared config module lands: the same API, minimal
-    from heatmaps._config_fallback import ConfigError, ConfigModel, config_dict, load_config
+from hipt.config import ConfigError, ConfigModel, config_dict, load_config
 
 __all__ = [
     "LEVELS",

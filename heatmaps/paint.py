@@ -54,9 +54,11 @@ def paint(
         c_idx, c_cell = _cells(0, cols, d, x, side, g.shape[1])
         if c_idx.size == 0:
             continue
-        canvas[r_idx[:, None], c_idx[None, :]] = g[r_cell[:, None], c_cell[None, :]]
+        # The pixels inside an axis-aligned box are one contiguous block: slice, do not scatter.
+        rows_, cols_ = slice(r_idx[0], r_idx[-1] + 1), slice(c_idx[0], c_idx[-1] + 1)
+        canvas[rows_, cols_] = g[r_cell][:, c_cell]
         if mask is not None:
-            mask[r_idx[:, None], c_idx[None, :]] = True
+            mask[rows_, cols_] = True
 
 
 def region_rows(coords: np.ndarray, side: float, d: float, row0: int, rows: int) -> np.ndarray:

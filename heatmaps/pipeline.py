@@ -110,6 +110,7 @@ def _ranked_top_maps(
 
 
 def _write_zarr(
+    slide_id: str,
     path: Path,
     scores: SlideScores,
     tokens: dict[int, np.ndarray],
@@ -133,7 +134,7 @@ def _write_zarr(
         downsample_level0=d,
         chunk_px=cfg.zarr.chunk_px,
         min_side_px=cfg.zarr.min_side_px,
-        name=slide.slide_id,
+        name=slide_id,
     )
     side = scores.region_size_level0
     slide_rank = scores.slide_rank
@@ -164,6 +165,7 @@ def _write_zarr(
 
 
 def _write_geojson(
+    slide_id: str,
     path: Path,
     scores: SlideScores,
     tokens: dict[int, np.ndarray],
@@ -176,7 +178,7 @@ def _write_geojson(
     patch_rank = scores.patch_rank() if scores.patch_attention is not None else None
     with (
         open(path, "w") as fh,
-        GeoJsonWriter(fh, slide_size=slide.dimensions, name=slide.slide_id) as gj,
+        GeoJsonWriter(fh, slide_size=slide.dimensions, name=slide_id) as gj,
     ):
         for i, (x, y) in enumerate(scores.coords):
             m = {
@@ -282,9 +284,9 @@ def _render_into(
     cfg: HeatmapConfig,
     say,
 ) -> dict[str, Any]:
+    """Score the slide, read its top regions, write every output into ``folder``."""
     info = job.info
     clock = _Clock()
-    want_tokens = "token" in cfg.levels and cfg.top_k > 0
     scores = score_slide(
         info,
         fold.model,
@@ -296,7 +298,6 @@ def _render_into(
         top_k=cfg.top_k,
         device=cfg.device,
     )
-    target_mpp = float(info.attrs["target_mpp"])
     with Slide(job.slide_path) as slide:
         if not math.isclose(
             slide.mpp_level0, float(info.attrs.get("mpp_level0", slide.mpp_level0)), rel_tol=1e-3
@@ -305,78 +306,138 @@ def _render_into(
                 f"{job.slide_path}: level-0 µm/px {slide.mpp_level0:g} differs from the features' "
                 f"{info.attrs['mpp_level0']} (another scan?)"
             )
-        region_vit = getattr(fold.model, "local_vit", None) or (encoder.vit4k if encoder else None)
         clock.lap("score")
-        top_maps = []
-        if scores.top and (want_tokens or "region" in cfg.levels):
-            for r, i in enumerate(scores.top):
-                say(f"{job.slide_id}: top region {r + 1}/{len(scores.top)}")
-                top_maps.append(
-                    region_maps(
-                        slide,
-                        encoder,
-                        region_vit if cfg.smoothing.passes > 1 else None,
-                        i,
-                        tuple(scores.coords[i]),
-                        target_mpp=target_mpp,
-                        out_px=cfg.region_png_px,
-                        passes=cfg.smoothing.passes,
-                        want_tokens=want_tokens,
-                    )
-                    if encoder is not None and (want_tokens or cfg.smoothing.passes > 1)
-                    else _plain_region(
-                        slide, i, tuple(scores.coords[i]), target_mpp, cfg.region_png_px
-                    )
-                )
+        top_maps = _top_region_maps(
+            job.slide_id, slide, scores, fold, encoder, cfg, float(info.attrs["target_mpp"]), say
+        )
         clock.lap("top_regions")
-        patches, tokens = _ranked_top_maps(scores, top_maps, cfg)
-        token_mean = {m.index: t[0] for m, t in zip(top_maps, tokens, strict=True) if t is not None}
-        outputs = {}
-        if "slide" in cfg.levels:
-            thumb, ds = slide.thumbnail(cfg.thumbnail_px)
-            slide_png(
-                folder / "slide.png",
-                thumb,
-                ds,
-                scores.coords,
-                scores.region_size_level0,
-                scores.slide_rank,
-                colormap=cfg.colormap,
-                opacity=cfg.opacity,
-                title=f"{job.slide_id}: {title_of(scores.prediction)}",
-            )
-        else:
-            Image.new("RGB", (1, 1), "white").save(folder / "slide.png")
-        clock.lap("slide_png")
-        (folder / "top_regions").mkdir()
-        for r, (m, p, t) in enumerate(zip(top_maps, patches, tokens, strict=True)):
-            x, y = scores.coords[m.index]
-            region_panels(
-                folder / "top_regions",
-                r + 1,
-                m.pixels,
-                p,
-                t,
-                colormap=cfg.colormap,
-                opacity=cfg.opacity,
-                heads=cfg.heads,
-                caption=f"rank {r + 1}: region {m.index} at ({x}, {y})",
-            )
-        clock.lap("top_regions_png")
-        outputs["zarr"] = _write_zarr(
-            folder / "attention.ome.zarr", scores, token_mean, cfg, slide, target_mpp
+        outputs = _write_outputs(
+            job.slide_id,
+            folder,
+            slide,
+            scores,
+            top_maps,
+            cfg,
+            float(info.attrs["target_mpp"]),
+            clock,
         )
-        clock.lap("zarr")
-        outputs["geojson_features"] = _write_geojson(
-            folder / "attention.geojson", scores, token_mean, slide, cfg
-        )
-        clock.lap("geojson")
-        _write_scores(folder / "scores.h5", scores, top_maps, want_tokens)
         slide_info = {
             "path": str(job.slide_path),
             "size_level0": list(slide.dimensions),
             "mpp_level0": slide.mpp_level0,
         }
+    return _record(fold, job, cfg, scores, top_maps, outputs, slide_info, clock)
+
+
+def _top_region_maps(
+    slide_id: str,
+    slide: Slide,
+    scores: SlideScores,
+    fold: TrainedFold,
+    encoder: RegionEncoder | None,
+    cfg: HeatmapConfig,
+    target_mpp: float,
+    say,
+) -> list:
+    """Pixels and (token, smoothed patch) maps of the top regions, read from the slide."""
+    want_tokens = "token" in cfg.levels and cfg.top_k > 0
+    if not scores.top or not (want_tokens or "region" in cfg.levels):
+        return []
+    region_vit = getattr(fold.model, "local_vit", None) or (encoder.vit4k if encoder else None)
+    maps = []
+    for r, i in enumerate(scores.top):
+        say(f"{slide_id}: top region {r + 1}/{len(scores.top)}")
+        xy = tuple(scores.coords[i])
+        if encoder is None or not (want_tokens or cfg.smoothing.passes > 1):
+            maps.append(_plain_region(slide, i, xy, target_mpp, cfg.region_png_px))
+            continue
+        maps.append(
+            region_maps(
+                slide,
+                encoder,
+                region_vit if cfg.smoothing.passes > 1 else None,
+                i,
+                xy,
+                target_mpp=target_mpp,
+                out_px=cfg.region_png_px,
+                passes=cfg.smoothing.passes,
+                want_tokens=want_tokens,
+            )
+        )
+    return maps
+
+
+def _write_outputs(
+    slide_id: str,
+    folder: Path,
+    slide: Slide,
+    scores: SlideScores,
+    top_maps: list,
+    cfg: HeatmapConfig,
+    target_mpp: float,
+    clock: _Clock,
+) -> dict[str, Any]:
+    """slide.png, top_regions/, the zarr, the GeoJSON and scores.h5; what they hold."""
+    patches, tokens = _ranked_top_maps(scores, top_maps, cfg)
+    token_mean = {m.index: t[0] for m, t in zip(top_maps, tokens, strict=True) if t is not None}
+    if "slide" in cfg.levels:
+        thumb, ds = slide.thumbnail(cfg.thumbnail_px)
+        slide_png(
+            folder / "slide.png",
+            thumb,
+            ds,
+            scores.coords,
+            scores.region_size_level0,
+            scores.slide_rank,
+            colormap=cfg.colormap,
+            opacity=cfg.opacity,
+            title=f"{slide_id}: {title_of(scores.prediction)}",
+        )
+    else:
+        Image.new("RGB", (1, 1), "white").save(folder / "slide.png")
+    clock.lap("slide_png")
+    (folder / "top_regions").mkdir()
+    for r, (m, p, t) in enumerate(zip(top_maps, patches, tokens, strict=True)):
+        x, y = scores.coords[m.index]
+        region_panels(
+            folder / "top_regions",
+            r + 1,
+            m.pixels,
+            p,
+            t,
+            colormap=cfg.colormap,
+            opacity=cfg.opacity,
+            heads=cfg.heads,
+            caption=f"rank {r + 1}: region {m.index} at ({x}, {y})",
+        )
+    clock.lap("top_regions_png")
+    outputs = {
+        "zarr": _write_zarr(
+            slide_id, folder / "attention.ome.zarr", scores, token_mean, cfg, slide, target_mpp
+        )
+    }
+    clock.lap("zarr")
+    outputs["geojson_features"] = _write_geojson(
+        slide_id, folder / "attention.geojson", scores, token_mean, slide, cfg
+    )
+    clock.lap("geojson")
+    want_tokens = "token" in cfg.levels and cfg.top_k > 0
+    _write_scores(folder / "scores.h5", scores, top_maps, want_tokens)
+    return outputs
+
+
+def _record(
+    fold: TrainedFold,
+    job: SlideJob,
+    cfg: HeatmapConfig,
+    scores: SlideScores,
+    top_maps: list,
+    outputs: dict[str, Any],
+    slide_info: dict[str, Any],
+    clock: _Clock,
+) -> dict[str, Any]:
+    """The content of ``heatmap.json``."""
+    info = job.info
     return {
         "schema": "hipt.heatmap/1",
         "slide_id": job.slide_id,
@@ -415,6 +476,7 @@ def _render_into(
         ],
         "outputs": outputs,
         "timings_s": {k: round(v, 3) for k, v in clock.laps.items()},
+        "peak_rss_mib_after": clock.peak_mib,
         "config": config_dict(cfg),
         "hipt_version": __version__,
     }
@@ -426,11 +488,17 @@ class _Clock:
     def __init__(self) -> None:
         self.t = time.perf_counter()
         self.laps: dict[str, float] = {}
+        self.peak_mib: dict[str, float] = {}  # the process's peak RSS so far, after each phase
+        self.lap("start")
 
     def lap(self, name: str) -> None:
+        import resource
+
         now = time.perf_counter()
-        self.laps[name] = now - self.t
+        if name != "start":
+            self.laps[name] = now - self.t
         self.t = now
+        self.peak_mib[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _plain_region(slide: Slide, index: int, xy: tuple[int, int], target_mpp: float, out_px: int):

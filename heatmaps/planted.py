@@ -217,36 +217,13 @@ def make_planted_run(
             "mpp_source": "tiff.XResolution",
             "target_mpp": target_mpp,
             "region_size": REGION_PX,
-            "region_size_level0": side,
+            "region_size_level0": int(round(side)),
             "read_level": 0,
             "patch_size": PATCH_PX,
             "token_size": TOKEN_PX,
         },
     )
-    vit256_path = vit4k_path = None
-    if encoders == "planted":
-        vit256_path, vit4k_path = (
-            root / "weights" / "vit256_planted.pth",
-            root / "weights" / "vit4k_planted.pth",
-        )
-        vit256_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(_planted_vit("vit256_s16", dark=True), vit256_path)
-        torch.save(_planted_vit("vit4k_xs", dark=False), vit4k_path)
-        hashes = {
-            "vit256_sha256": file_sha256(vit256_path),
-            "vit4k_sha256": file_sha256(vit4k_path),
-            "random_weights": False,
-            "random_seed": -1,
-            "random_depth": "",
-        }
-    else:
-        hashes = {
-            "vit256_sha256": "random",
-            "vit4k_sha256": "random",
-            "random_weights": True,
-            "random_seed": 0,
-            "random_depth": "12,6",
-        }
+    vit256_path, vit4k_path, hashes = _write_encoders(root, encoders)
     features_path = _write_features(
         root,
         slide_id,
@@ -275,6 +252,35 @@ def make_planted_run(
         planted_token,
         mpp_level0,
     )
+
+
+def _write_encoders(root: Path, encoders: str) -> tuple[Path | None, Path | None, dict]:
+    """The planted ViT weight files (or none for random encoders) and the hashes to record."""
+    vit256_path = vit4k_path = None
+    if encoders == "planted":
+        vit256_path, vit4k_path = (
+            root / "weights" / "vit256_planted.pth",
+            root / "weights" / "vit4k_planted.pth",
+        )
+        vit256_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(_planted_vit("vit256_s16", dark=True), vit256_path)
+        torch.save(_planted_vit("vit4k_xs", dark=False), vit4k_path)
+        hashes = {
+            "vit256_sha256": file_sha256(vit256_path),
+            "vit4k_sha256": file_sha256(vit4k_path),
+            "random_weights": False,
+            "random_seed": -1,
+            "random_depth": "",
+        }
+    else:
+        hashes = {
+            "vit256_sha256": "random",
+            "vit4k_sha256": "random",
+            "random_weights": True,
+            "random_seed": 0,
+            "random_depth": "12,6",
+        }
+    return vit256_path, vit4k_path, hashes
 
 
 def _write_features(

@@ -11,8 +11,8 @@ Examples
 >>> import io, json
 >>> buf = io.StringIO()
 >>> with GeoJsonWriter(buf, slide_size=(100, 100)) as gj:
-...     gj.add_box(0, 0, 64, 64, name="region 0", class_name="region",
-...                measurements={"attention": 0.2})
+...     added = gj.add_box(0, 0, 64, 64, name="region 0", class_name="region",
+...                        measurements={"attention": 0.2})
 >>> f = json.loads(buf.getvalue())["features"][0]
 >>> f["geometry"]["coordinates"][0][0] == f["geometry"]["coordinates"][0][-1]
 True

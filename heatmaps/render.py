@@ -21,6 +21,8 @@ from heatmaps.paint import paint
 __all__ = ["region_panels", "slide_png", "title_of"]
 
 LABEL_PX = 22  # height of a panel's caption strip
+TITLE_PX = 40  # height of slide.png's title strip
+BAR_W_PX = 110  # width of slide.png's colour bar column
 BAR_PX = 14  # height of the colour bar strip
 
 
@@ -50,6 +52,12 @@ def tissue_outline_mask(thumbnail: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
 def slide_png(
     path: str | os.PathLike,
     thumbnail: np.ndarray,
@@ -62,13 +70,12 @@ def slide_png(
     opacity: float,
     title: str,
 ) -> None:
-    """Write ``slide.png``: the thumbnail, region attention blended where regions are, outline."""
-    import matplotlib
+    """Write ``slide.png``: the thumbnail with region attention blended where regions are, the
+    tissue outline, a title strip (``TITLE_PX``) above and a colour bar (``BAR_W_PX``) right.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    The thumbnail's pixel ``(i, j)`` is the PNG's pixel ``(TITLE_PX + i, j)``.
+    """
+    from scipy import ndimage
 
     h, w = thumbnail.shape[:2]
     values = np.zeros((h, w), np.float32)
@@ -78,20 +85,28 @@ def slide_png(
     ]
     paint(values, 0, downsample, boxes, covered)
     image = blend(thumbnail, values, colormap, opacity, covered)
-    dpi = 100
-    fig = plt.figure(figsize=(w / dpi + 1.4, h / dpi + 0.6), dpi=dpi)
-    ax = fig.add_axes((0.0, 0.0, w / (w + 140), h / (h + 60)))
-    ax.imshow(image, interpolation="nearest")
     tissue = tissue_outline_mask(thumbnail)
-    if tissue.any() and not tissue.all():
-        ax.contour(tissue.astype(np.float32), levels=[0.5], colors="black", linewidths=0.8)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=11)
-    cax = fig.add_axes((w / (w + 140) + 0.02, 0.1, 0.02, 0.8 * h / (h + 60)))
-    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), colormap), cax=cax)
-    bar.set_label("region attention (percentile)")
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    edge = tissue & ~ndimage.binary_erosion(tissue)
+    image[ndimage.binary_dilation(edge)] = 0
+    canvas = Image.new("RGB", (w + BAR_W_PX, h + TITLE_PX), "white")
+    canvas.paste(Image.fromarray(image), (0, TITLE_PX))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, TITLE_PX // 2), title, fill=(0, 0, 0), font=_font(18), anchor="lm")
+    # Colour bar: 1 at the top, 0 at the bottom, over 80% of the image height.
+    bar_h = max(32, int(0.8 * h))
+    top = TITLE_PX + (h - bar_h) // 2
+    table = lut(colormap)
+    idx = np.linspace(len(table) - 1, 0, bar_h).round().astype(int)
+    bar = np.repeat(table[idx][:, None], 20, axis=1)
+    canvas.paste(Image.fromarray(bar), (w + 16, top))
+    small = _font(13)
+    for v in (0.0, 0.5, 1.0):
+        y = top + int(round((1 - v) * (bar_h - 1)))
+        draw.line([(w + 36, y), (w + 40, y)], fill=(0, 0, 0))
+        draw.text((w + 43, y), f"{v:g}", fill=(0, 0, 0), font=small, anchor="lm")
+    draw.text((w + 16, top - 6), "attention", fill=(0, 0, 0), font=small, anchor="lb")
+    draw.text((w + 16, top + bar_h + 6), "(percentile)", fill=(0, 0, 0), font=small, anchor="lt")
+    canvas.save(path, compress_level=6)
 
 
 def _captioned(panel: np.ndarray, caption: str) -> np.ndarray:
@@ -99,7 +114,7 @@ def _captioned(panel: np.ndarray, caption: str) -> np.ndarray:
     out = np.full((h + LABEL_PX, w, 3), 255, np.uint8)
     out[LABEL_PX:] = panel
     img = Image.fromarray(out)
-    ImageDraw.Draw(img).text((4, 4), caption, fill=(0, 0, 0))
+    ImageDraw.Draw(img).text((4, 3), caption, fill=(0, 0, 0), font=_font(15))
     return np.asarray(img)
 
 
@@ -109,8 +124,8 @@ def _colour_bar(width: int, colormap: str) -> np.ndarray:
     bar = np.repeat(table[idx][None], BAR_PX, axis=0)
     img = Image.fromarray(np.vstack([np.full((LABEL_PX, width, 3), 255, np.uint8), bar]))
     draw = ImageDraw.Draw(img)
-    draw.text((4, 4), "0 (low)", fill=(0, 0, 0))
-    draw.text((max(4, width - 90), 4), "1 (high) percentile", fill=(0, 0, 0))
+    draw.text((4, 3), "0 (low)", fill=(0, 0, 0), font=_font(15))
+    draw.text((width - 4, 3), "1 (high) percentile", fill=(0, 0, 0), font=_font(15), anchor="ra")
     return np.asarray(img)
 
 
@@ -146,7 +161,7 @@ def region_panels(
     row = _row(panels)
     image = np.vstack([row, _colour_bar(row.shape[1], colormap)])
     path = folder / f"rank{rank}.png"
-    Image.fromarray(image).save(path, optimize=True)
+    Image.fromarray(image).save(path, compress_level=6)
     written.append(path)
     if heads:
         small = (
@@ -169,6 +184,6 @@ def region_panels(
         if rows:
             grid = np.vstack(rows)
             path = folder / f"rank{rank}_heads.png"
-            Image.fromarray(grid).save(path, optimize=True)
+            Image.fromarray(grid).save(path, compress_level=6)
             written.append(path)
     return written

@@ -24,7 +24,12 @@ import torch.nn as nn
 
 from hipt.geometry import GRID, PATCH_PX, REGION_PX, TOKEN_PX, patch_grid_to_vit4k_input
 from hipt.h5schema import FeaturesInfo
-from hipt.models.attention import attention_and_embedding, region_attention, vit4k_attention
+from hipt.models.attention import (
+    attention_and_embedding,
+    cls_attention,
+    region_attention,
+    vit4k_attention,
+)
 from hipt.models.region_encoder import RegionEncoder
 from hipt.slide import Slide
 from hipt.survival import risk_from_logits, survival_curve
@@ -141,9 +146,12 @@ def score_slide(
             for start in range(0, m, CHUNK_REGIONS):
                 chunk = torch.from_numpy(f["patch_features"][start : start + CHUNK_REGIONS])
                 grid = patch_grid_to_vit4k_input(chunk.to(device).float())
-                attn, emb = attention_and_embedding(region_vit, grid)
+                if lgp:
+                    attn, emb = attention_and_embedding(region_vit, grid)
+                    embeddings.append(emb.float())
+                else:  # the region embeddings are cached: skip the last block's forward
+                    attn = cls_attention(region_vit, grid)
                 maps.append(attn.float().cpu().numpy())
-                embeddings.append(emb.float())
         if lgp:
             out = model.global_model(torch.cat(embeddings))
         else:

@@ -24,6 +24,7 @@ from PIL import Image
 from heatmaps.colors import colorize
 from heatmaps.ngff import AttentionZarr
 from heatmaps.planted import make_planted_run
+from heatmaps.render import TITLE_PX
 from hipt.models.checkpoint import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,13 +112,13 @@ def test_heatmap_json_records_inputs(rendered, planted):
 def test_slide_png_lights_planted_region(rendered, planted):
     png = np.asarray(Image.open(rendered / "slide.png").convert("RGB")).astype(float)
     with_overlay = colorize(np.array(1.0), "turbo").astype(float)
-    # The thumbnail fills the axes at the top-left below a 60 px title strip (see render.py).
-    thumb_h = png.shape[0] - 60
+    # The thumbnail sits at the top-left below the title strip (see render.py).
+    thumb_h = png.shape[0] - TITLE_PX
     scale = thumb_h / 4096  # thumbnail px per level-0 px
     scores = []
     for x, y in planted.coords:
-        x0, y0 = int((x + 512) * scale), int(60 + (y + 512) * scale)
-        x1, y1 = int((x + 1536) * scale), int(60 + (y + 1536) * scale)
+        x0, y0 = int((x + 512) * scale), int(TITLE_PX + (y + 512) * scale)
+        x1, y1 = int((x + 1536) * scale), int(TITLE_PX + (y + 1536) * scale)
         mean = png[y0:y1, x0:x1].reshape(-1, 3).mean(0)
         scores.append(-np.abs(mean - (0.5 * with_overlay + 0.5 * 242)).sum())
     assert int(np.argmax(scores)) == planted.planted_region

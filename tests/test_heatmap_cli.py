@@ -278,3 +278,34 @@ def test_help_lists_heatmap(capsys):
 
     assert main([]) == 2
     assert "heatmap" in capsys.readouterr().out
+
+
+def test_slide_given_on_the_command_line_wins(batch, planted, weights, capsys):
+    """The 'moved' slide renders once --slide says where it is now."""
+    _, _, folder = batch
+    out = planted.root / "moved_out"
+    code, err = hipt_inprocess(
+        capsys,
+        "--run",
+        planted.fold_dir,
+        "--features",
+        folder / "moved.h5",
+        "--slide",
+        planted.slide_path,
+        *weights,
+        *FAST,
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    rec = json.loads((out / "moved" / "heatmap.json").read_text())
+    assert rec["slide"]["path"] == str(planted.slide_path)
+
+
+def test_source_package_is_not_an_output_folder(planted, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # where the default --out "heatmaps" is the package itself
+    code, err = hipt_inprocess(
+        capsys, "--run", planted.fold_dir, "--features", planted.features_path
+    )
+    assert code == 2 and "Python package folder" in err
+    assert not (ROOT / "heatmaps" / "heatmaps.csv").exists()

@@ -133,7 +133,9 @@ def test_hipt_lgp_scores_are_its_own_forward(tmp_path):
     """For hipt_lgp the chunked pass gives the model's own attention and its ViT-4K's maps."""
     info, patches = _features(tmp_path)
     torch.manual_seed(0)
-    model = create_model("hipt_lgp", n_classes=3, vit4k_kwargs={"depth": 2}).eval()
+    model = create_model(
+        "hipt_lgp", n_classes=3, random_weights=True, vit4k_kwargs={"depth": 2}
+    ).eval()
     scores = score_slide(
         info,
         model,
