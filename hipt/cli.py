@@ -14,9 +14,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("preprocessing.cli", "segment tissue and cut slides into 4096 px regions"),
     "embed": ("hipt.embed", "embed tiled regions with ViT-256 and ViT-4K into features/*.h5"),
     "train": ("train.cli", "slide-level subtyping or survival, k-fold by case"),
+    "pretrain": ("train.dino.cli", "DINO pretraining of ViT-256 (stage1) or ViT-4K (stage2)"),
     "inspect": (
         "hipt.inspect",
         "print the schema, shapes and provenance of a tiles or features file",
+    ),
+    "heatmap": (
+        "heatmaps.cli",
+        "attention overlays of a trained fold: PNG, OME-Zarr and QuPath GeoJSON",
     ),
     "demo": ("hipt.demo", "run the pipeline on a small generated cohort"),
     "slurm": ("hipt.slurm", "submit the stages as chained Slurm jobs, or report their progress"),

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 __all__ = [
     "CheckpointError",
     "adapt_pos_embed",
+    "arch_kwargs",
     "extract_state_dict",
     "file_sha256",
     "load_encoder_weights",
@@ -254,6 +255,26 @@ def adapt_pos_embed(
     if n * n == pos.shape[1] - 1 and grid * grid == target_shape[1] - 1:
         out["pos_embed"] = resize_pos_embed_dino(pos, grid)
     return out
+
+
+def arch_kwargs(path: str | os.PathLike[str] | None, name: str) -> dict:
+    """Builder keywords recorded in a weights file for encoder ``name`` (``{}`` if none).
+
+    hipt's pretraining output records its encoder as ``arch = {"name": ..., "kwargs": {...}}``
+    (e.g. ``{"depth": 2}`` for a shallow test encoder), so it can be rebuilt wherever it is
+    loaded. Released HIPT files have no ``arch``: they are the full-size default. Only the
+    file's index is read (memory-mapped), not its tensors.
+    """
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file, or unreadable: the weights loader will say why
+        return {}
+    arch = obj.get("arch") if isinstance(obj, Mapping) else None
+    if not isinstance(arch, Mapping) or arch.get("name") != name:
+        return {}
+    return dict(arch.get("kwargs") or {})
 
 
 def _describe(keys: list[str], limit: int = 12) -> str:

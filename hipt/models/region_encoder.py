@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from hipt.geometry import GRID, PATCH_PX, patch_grid_to_vit4k_input, region_to_patches
-from hipt.models.checkpoint import load_encoder_weights
+from hipt.models.checkpoint import arch_kwargs, load_encoder_weights
 from hipt.models.registry import create_model, model_info
 
 __all__ = ["RegionEncoder", "build_region_encoder"]
@@ -218,8 +218,15 @@ def build_region_encoder(
     >>> prov["mean"], prov["vit4k_sha256"]
     ([0.5, 0.5, 0.5], 'random')
     """
-    vit256_kwargs = dict(model_kwargs.pop("vit256_kwargs", {}) or {})
-    vit4k_kwargs = dict(model_kwargs.pop("vit4k_kwargs", {}) or {})
+    # A file that records its architecture (hipt pretraining output) rebuilds it; explicit wins.
+    vit256_kwargs = {
+        **arch_kwargs(vit256_weights, "vit256_s16"),
+        **(model_kwargs.pop("vit256_kwargs", {}) or {}),
+    }
+    vit4k_kwargs = {
+        **arch_kwargs(vit4k_weights, "vit4k_xs"),
+        **(model_kwargs.pop("vit4k_kwargs", {}) or {}),
+    }
     if model_kwargs:
         raise TypeError(f"unknown arguments: {', '.join(sorted(model_kwargs))}")
     missing = [

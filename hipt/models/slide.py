@@ -251,12 +251,14 @@ def hipt_lgp(
     ``vit4k_weights`` loads ViT-4K weights (released HIPT file or hipt's own pretraining output);
     without it the ViT-4K is randomly initialised. ``vit4k_kwargs`` go to ``create_model("vit4k_xs")``.
     """
+    from hipt.models.checkpoint import arch_kwargs, load_encoder_weights
     from hipt.models.registry import create_model
 
-    vit4k = create_model("vit4k_xs", **(vit4k_kwargs or {}))
+    # Weights that record their architecture (hipt pretraining output) rebuild it.
+    vit4k = create_model(
+        "vit4k_xs", **{**arch_kwargs(vit4k_weights, "vit4k_xs"), **(vit4k_kwargs or {})}
+    )
     if vit4k_weights:
-        from hipt.models.checkpoint import load_encoder_weights
-
         load_encoder_weights(vit4k, vit4k_weights)
     return HIPTLGP(
         vit4k, _n_out(n_classes, task, n_bins), dropout=dropout, freeze_vit4k=freeze_vit4k

@@ -1,0 +1,251 @@
+"""``hipt heatmap``: attention overlays of a trained fold, for one slide or a folder of slides.
+
+Examples
+--------
+One slide (its slide file found through the tiles file the features were made from)::
+
+    hipt heatmap --run runs/lung/fold_0 --features out/features/S1.h5 --top-k 5
+
+Every slide of a folder, or of the run's cohort; slides already rendered with the same inputs
+are skipped, and ``heatmaps.csv`` records ok / skipped / failed per slide::
+
+    hipt heatmap --run runs/lung/fold_0 --features out/features --out heatmaps
+    hipt heatmap --run runs/lung/fold_0 --cohort --config heatmap.yaml --set smoothing.passes=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from heatmaps.config import ConfigError, HeatmapConfig, load_heatmap_config
+from heatmaps.inputs import (
+    InputError,
+    TrainedFold,
+    build_encoder,
+    find_slide,
+    load_fold,
+    open_features,
+)
+
+__all__ = ["add_arguments", "main", "run_heatmaps"]
+
+RECORD_CSV = "heatmaps.csv"
+
+
+@dataclass
+class SlideRecord:
+    """One row of ``heatmaps.csv``."""
+
+    slide_id: str
+    status: str  # ok | skipped | failed
+    seconds: float = 0.0
+    error: str = ""
+    features_path: str = ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``hipt heatmap``."""
+    parser.add_argument(
+        "--run",
+        required=True,
+        type=Path,
+        metavar="FOLD_DIR",
+        help="a trained fold, runs/<cohort>/fold_k (from hipt train)",
+    )
+    parser.add_argument(
+        "--features", type=Path, metavar="PATH", help="a features file, or a folder of them (batch)"
+    )
+    parser.add_argument(
+        "--cohort",
+        action="store_true",
+        help="render every slide of the run's cohort CSV (features from the run's "
+        "features folder, or --features DIR)",
+    )
+    parser.add_argument("--slide", type=Path, help="the slide file (default: from the provenance)")
+    parser.add_argument(
+        "--slides", type=Path, metavar="DIR", help="folder of the slides, if they moved"
+    )
+    parser.add_argument("--tiles", type=Path, metavar="DIR", help="folder of the tiles files")
+    parser.add_argument(
+        "--vit256", type=Path, metavar="PATH", help="ViT-256 weights the features were made with"
+    )
+    parser.add_argument(
+        "--vit4k", type=Path, metavar="PATH", help="ViT-4K weights the features were made with"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="regions shown up close (default 5)"
+    )
+    parser.add_argument(
+        "--levels", default=None, help="comma list of slide,region,token (default: all three)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("heatmaps"),
+        help="output root; a slide goes to OUT/<slide_id>/ (default: heatmaps)",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of heatmap settings")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. smoothing.passes=4 (repeatable)",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="render again even if up to date")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    flags: dict = {}
+    if args.top_k is not None:
+        flags["top_k"] = args.top_k
+    if args.levels is not None:
+        flags["levels"] = [s.strip() for s in args.levels.split(",") if s.strip()]
+    if args.device is not None:
+        flags["device"] = args.device
+    if args.no_progress:
+        flags["progress"] = False
+    return flags
+
+
+def _features_list(args: argparse.Namespace, fold: TrainedFold) -> list[Path]:
+    if args.cohort:
+        if fold.slide_ids is None:
+            raise InputError(f"{fold.fold_dir.parent}: config.yaml names no readable cohort CSV")
+        folder = args.features or fold.features_dir
+        if folder is None or not Path(folder).is_dir():
+            raise InputError("--cohort needs the run's features folder or --features DIR")
+        return [Path(folder) / f"{s}.h5" for s in sorted(fold.slide_ids)]
+    if args.features is None:
+        raise InputError("pass --features FILE|DIR or --cohort")
+    if args.features.is_dir():
+        return sorted(p for p in args.features.glob("*.h5") if not p.name.startswith("."))
+    return [args.features]
+
+
+def _read_records(path: Path) -> dict[str, SlideRecord]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {
+            r["slide_id"]: SlideRecord(**{**r, "seconds": float(r["seconds"] or 0)})
+            for r in csv.DictReader(fh)
+        }
+
+
+def _write_records(path: Path, records: dict[str, SlideRecord]) -> None:
+    from hipt.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(SlideRecord.__dataclass_fields__))
+        w.writeheader()
+        for r in records.values():
+            w.writerow(asdict(r))
+
+
+def _needs_encoder(fold: TrainedFold, cfg: HeatmapConfig) -> bool:
+    tokens = "token" in cfg.levels and cfg.top_k > 0
+    patches = "region" in cfg.levels and fold.input_key != "patch_features"
+    return tokens or patches or cfg.smoothing.passes > 1
+
+
+def run_heatmaps(args: argparse.Namespace, cfg: HeatmapConfig) -> int:
+    """Render every requested slide; 0 if all ok or skipped, 1 if any failed, 2 on bad input."""
+    try:
+        from hipt.names import check_name
+    except ImportError:  # until the shared names module lands
+        from heatmaps._config_fallback import check_name
+    from heatmaps.pipeline import SlideJob, features_sha256, fingerprint, is_rendered, render_slide
+
+    try:
+        fold = load_fold(args.run, device=cfg.device)
+        paths = _features_list(args, fold)
+    except InputError as exc:
+        print(f"hipt heatmap: {exc}", file=sys.stderr)
+        return 2
+    if args.slide is not None and len(paths) != 1:
+        print("hipt heatmap: --slide goes with one features file", file=sys.stderr)
+        return 2
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    records = _read_records(out / RECORD_CSV)
+    encoders: dict[tuple, object] = {}
+    say = (
+        (lambda line: print(line, file=sys.stderr, flush=True))
+        if cfg.progress
+        else (lambda line: None)
+    )
+    for path in paths:
+        t0 = time.perf_counter()
+        slide_id = path.stem
+        try:
+            check_name(slide_id, "slide id")
+            if not path.is_file():
+                raise InputError(f"{path}: no features file")
+            info = open_features(path, fold)
+            slide_path = find_slide(info, args.slide, args.tiles, args.slides)
+            job = SlideJob(info, slide_path, features_sha256(path))
+            if not args.overwrite and is_rendered(out / slide_id, fingerprint(fold, job, cfg)):
+                records[slide_id] = SlideRecord(slide_id, "skipped", features_path=str(path))
+                say(f"{slide_id}: up to date, skipped")
+                continue
+            encoder = None
+            if _needs_encoder(fold, cfg):
+                key = tuple(
+                    str(info.attrs.get(k))
+                    for k in ("vit256_sha256", "vit4k_sha256", "random_seed", "random_depth")
+                )
+                if key not in encoders:
+                    encoders[key] = build_encoder(
+                        info.attrs,
+                        args.vit256,
+                        args.vit4k,
+                        device=cfg.device,
+                        patch_batch=cfg.patch_batch,
+                    )
+                encoder = encoders[key]
+            render_slide(fold, job, encoder, cfg, out, say=say)
+        except Exception as exc:  # one bad slide must not stop the batch
+            line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not isinstance(exc, InputError | ValueError):
+                line = f"{type(exc).__name__}: {line}"
+            records[slide_id] = SlideRecord(
+                slide_id, "failed", round(time.perf_counter() - t0, 2), line, str(path)
+            )
+            print(f"{slide_id}: FAILED: {line}", file=sys.stderr)
+            _write_records(out / RECORD_CSV, records)
+            continue
+        seconds = round(time.perf_counter() - t0, 2)
+        records[slide_id] = SlideRecord(slide_id, "ok", seconds, "", str(path))
+        say(f"{slide_id}: rendered in {seconds:.1f} s -> {out / slide_id}")
+        _write_records(out / RECORD_CSV, records)
+    _write_records(out / RECORD_CSV, records)
+    this = [records[p.stem] for p in paths if p.stem in records]
+    failed = [r for r in this if r.status == "failed"]
+    n_ok = sum(r.status == "ok" for r in this)
+    n_skip = sum(r.status == "skipped" for r in this)
+    print(
+        f"hipt heatmap: {n_ok} rendered, {n_skip} skipped, {len(failed)} failed; record: {out / RECORD_CSV}",
+        file=sys.stderr,
+    )
+    for r in failed:
+        print(f"  failed {r.slide_id}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``hipt heatmap``."""
+    try:
+        cfg = load_heatmap_config(args.config, args.overrides, _flags(args))
+    except ConfigError as exc:
+        print(f"hipt heatmap: {exc}", file=sys.stderr)
+        return 2
+    return run_heatmaps(args, cfg)

@@ -1,0 +1,1 @@
+"""DINO pretraining of HIPT's encoders: one engine, two data sources (``hipt pretrain``)."""
