@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -116,3 +117,63 @@ def test_tile_array_tiles_every_slide_once(slurm):
     assert set(rows["status"]) == {"ok"}, logs
     for p in slides:
         assert len(read_tiles(out / "tiles" / f"{p.stem}.h5")) >= 1
+
+
+@pytest.mark.slow
+def test_pretrain_requeued_after_usr1_resumes_to_the_same_weights(slurm):
+    """A 2-process torchrun job gets SIGUSR1 mid-run, saves, requeues itself and finishes with
+    exactly the weights of an uninterrupted job."""
+    import time
+
+    import torch
+    from dino_data import write_feature_grids
+    from test_dino_train import TINY2
+
+    work = slurm.root / "pretrain"
+    features = write_feature_grids(work / "features", n_files=3, regions=8, seed=4)
+    cfg = {"data": {"features_dir": str(features)}}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    sets = [a for o in [*TINY2, "train.epochs=6"] for a in ("--set", o)]
+    env = {**job_env(), "CONFIG": str(work / "tiny.yaml"), "NPROC_PER_NODE": "2",
+           "OMP_NUM_THREADS": "1", "HIPT_TEST_STEP_SLEEP": "0.2"}  # fmt: skip
+    script = str(ROOT / "slurm" / "pretrain_stage2.sbatch")
+
+    def submit(name: str) -> str:
+        return slurm.sbatch(
+            "--nodes=1", "--cpus-per-task=2", "--mem=3000", f"--chdir={work}",
+            f"--output={work}/{name}.out", script, *sets,
+            env={**env, "OUT": str(work / name)},
+        )  # fmt: skip
+
+    t0 = time.time()
+    ref = submit("straight")
+    slurm.wait(ref, timeout_s=300)
+    print(f"straight job: {time.time() - t0:.0f} s")
+    ref_state = json.loads((work / "straight" / "state.json").read_text())
+    assert ref_state["status"] == "complete", (work / "straight.out").read_text()
+
+    job = submit("requeued")
+    log = work / "requeued" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 4):
+        time.sleep(0.2)
+    print(f"requeued job at step 4: {time.time() - t0:.0f} s")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env=slurm.env)
+    deadline = time.time() + 300
+    state_file = work / "requeued" / "state.json"
+    while time.time() < deadline:
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if state.get("status") == "complete":
+            break
+        time.sleep(0.5)
+    print(f"requeued job complete: {time.time() - t0:.0f} s")
+    slurm.wait(job, timeout_s=120)
+    out = (work / "requeued.out").read_text()
+    assert "preempted" in out and "restart 1" in out, out
+    assert json.loads(state_file.read_text())["status"] == "complete", out
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == list(range(1, 19)), out
+    a = torch.load(work / "straight" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    b = torch.load(work / "requeued" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    for part in ("student", "teacher_native"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part

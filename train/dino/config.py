@@ -94,7 +94,7 @@ class OptimConfig(ConfigModel):
     clip_grad: float = Field(3.0, ge=0.0)  # global grad-norm clip; 0 = off
     freeze_last_layer_epochs: float = Field(1.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernels where the device has them
+    fused: bool | Literal["auto"] = "auto"  # fused AdamW kernels (auto: on CUDA)
 
 
 class TrainConfig(ConfigModel):

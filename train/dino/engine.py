@@ -193,7 +193,7 @@ class Run:
         # No weight decay on biases and norm scales (1-d tensors), as DINO.
         decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim > 1]
         no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim <= 1]
-        fused = cfg.optim.fused == "on" or (
+        fused = cfg.optim.fused is True or (
             cfg.optim.fused == "auto" and self.device.type == "cuda"
         )
         self.optimizer = torch.optim.AdamW(
