@@ -203,13 +203,12 @@ def _pretrain_jobs(stage: str) -> Callable[..., list[Job]]:
         if not settings.config:
             raise ConfigError(f"{stage}.config: required (a pretraining YAML)")
         options = [*resource_options(cfg.defaults, settings.resources), _log(logs, False)]
-        env = {
-            **common,
-            "CONFIG": settings.config,
-            "PRETRAIN_OUT": str(pretrain_dir(cfg, stage)),
-            "HIPT_PRETRAIN_ARGS": shlex.join(settings.args),
-        }
-        return [Job(stage, _template(cfg, f"{stage}.sbatch"), options, env)]
+        # The pretraining templates write to $OUT itself (checkpoint.pth, teacher.pth, state.json)
+        # and pass their arguments (e.g. --set key=value) on to 'hipt pretrain'.
+        env = {**common, "CONFIG": settings.config, "OUT": str(pretrain_dir(cfg, stage))}
+        return [
+            Job(stage, _template(cfg, f"{stage}.sbatch"), options, env, args=list(settings.args))
+        ]
 
     return build
 
