@@ -50,9 +50,9 @@ class DemoSize:
 
 SIZES: dict[str, DemoSize] = {
     # For tests and CI: the same stages on a cohort too small to say much.
-    "tiny": DemoSize(8, 1, 1, 6, 16, 2, 2, 20, 1),
+    "tiny": DemoSize(8, 1, 1, 6, 16, 2, 2, 40, 1),
     # The README's first command: under 15 minutes on 2 CPU cores.
-    "small": DemoSize(24, 1, 2, 30, 16, 10, 4, 20, 2),
+    "small": DemoSize(24, 1, 2, 30, 16, 10, 4, 30, 2),
     # Longer pretraining and a larger cohort; tens of minutes on a CPU.
     "full": DemoSize(60, 2, 2, 400, 32, 30, 5, 30, 3),
 }
@@ -244,7 +244,7 @@ def _train_config(demo: Demo, task: str) -> Path:
         },  # fmt: skip
         "splits": {"folds": demo.size.folds},
         "threads": 1,  # bags are small: one thread is fastest (train.config)
-        "train": {"epochs": demo.size.epochs, "lr": 1.0e-3, "patience": 0},
+        "train": {"epochs": demo.size.epochs, "lr": 2.0e-4, "patience": 0},
     }
     return _write_yaml(demo.out / "configs" / f"train_{task}.yaml", cfg)
 
@@ -305,7 +305,7 @@ def stage_heatmap(demo: Demo) -> None:
                 "heatmap",
                 ["heatmap", "--run", str(demo.runs / "demo_subtype" / f"fold_{k}"),
                  "--features", str(demo.out / "features" / f"{sid}.h5"),
-                 "--tiles", str(demo.out / "tiles"),
+                 "--tiles", str(demo.out / "tiles"), "--vit256", str(demo.stage1 / "teacher.pth"),
                  "--out", str(demo.out / "heatmaps"), "--top-k", "2",
                  "--set", "region_png_px=512", "--set", "thumbnail_px=1024"],
             )  # fmt: skip

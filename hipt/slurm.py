@@ -322,10 +322,17 @@ def _heatmap_jobs(cfg: SlurmConfig, stages, common, logs) -> list[Job]:
     jobs = []
     for config in cfg.train.configs:
         cohort = Path(config).stem
+        # Token- and patch-level maps run the encoders again: the weights the features came from.
+        weights = []
+        for which in ("vit256", "vit4k"):
+            try:
+                weights += [f"--{which}", _embed_weights(cfg, stages, which)]
+            except ConfigError:
+                pass  # unknown here: region-level maps still render, and hipt heatmap says so
         env = {
             **common,
             "RUN": str(run_dir(cfg, config) / f"fold_{cfg.heatmap.fold}"),
-            "HIPT_HEATMAP_ARGS": shlex.join(cfg.heatmap.args),
+            "HIPT_HEATMAP_ARGS": shlex.join([*weights, *cfg.heatmap.args]),
         }
         after = [f"train-{cohort}"] if "train" in stages else []
         jobs.append(
