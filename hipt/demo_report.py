@@ -196,7 +196,8 @@ def _heatmap_section(out: Path) -> str:
             continue
         imgs = [_png_file(folder / "slide.png", folder.name, 700)]
         imgs += [
-            _png_file(p, p.stem, 700) for p in sorted((folder / "top_regions").glob("*.png"))[:2]
+            _png_file(p, p.stem, 700)
+            for p in sorted((folder / "top_regions").glob("rank?.png"))[:2]
         ]
         blocks.append(f"<h3>{html.escape(folder.name)}</h3>" + "".join(imgs))
     return _section(
