@@ -234,6 +234,9 @@ def _embed_jobs(cfg: SlurmConfig, stages, common, logs) -> list[Job]:
     vit256 = _embed_weights(cfg, stages, "vit256")
     args = shlex.join(cfg.embed.args)
     if "pretrain_stage2" in stages and not cfg.embed.vit4k:
+        if _pretrain_complete(pretrain_dir(cfg, "pretrain_stage2")):
+            # Stage 2 is done: a first embedding (random ViT-4K) would only undo the final one.
+            return []
         # Stage 2 learns from the patch features of a first embedding; the region features are
         # then computed again with the new ViT-4K (patch features unchanged, same file schema).
         first = Job(
@@ -250,6 +253,17 @@ def _embed_jobs(cfg: SlurmConfig, stages, common, logs) -> list[Job]:
         return [first]
     env = {**common, "VIT256": vit256, "VIT4K": _embed_weights(cfg, stages, "vit4k")}
     return [Job("embed", _template(cfg, "embed.sbatch"), options, {**env, "HIPT_EMBED_ARGS": args})]
+
+
+def _pretrain_complete(folder: Path) -> bool:
+    """Whether a pretraining run finished (``state.json`` says so and ``teacher.pth`` exists)."""
+    import json
+
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return state.get("status") == "complete" and (folder / "teacher.pth").is_file()
 
 
 def _embed_again_jobs(cfg: SlurmConfig, stages, common, logs) -> list[Job]:
