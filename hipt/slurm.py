@@ -203,13 +203,12 @@ def _pretrain_jobs(stage: str) -> Callable[..., list[Job]]:
         if not settings.config:
             raise ConfigError(f"{stage}.config: required (a pretraining YAML)")
         options = [*resource_options(cfg.defaults, settings.resources), _log(logs, False)]
-        env = {
-            **common,
-            "CONFIG": settings.config,
-            "PRETRAIN_OUT": str(pretrain_dir(cfg, stage)),
-            "HIPT_PRETRAIN_ARGS": shlex.join(settings.args),
-        }
-        return [Job(stage, _template(cfg, f"{stage}.sbatch"), options, env)]
+        # The pretraining templates write to $OUT itself (checkpoint.pth, teacher.pth, state.json)
+        # and pass their arguments (e.g. --set key=value) on to 'hipt pretrain'.
+        env = {**common, "CONFIG": settings.config, "OUT": str(pretrain_dir(cfg, stage))}
+        return [
+            Job(stage, _template(cfg, f"{stage}.sbatch"), options, env, args=list(settings.args))
+        ]
 
     return build
 
@@ -235,6 +234,9 @@ def _embed_jobs(cfg: SlurmConfig, stages, common, logs) -> list[Job]:
     vit256 = _embed_weights(cfg, stages, "vit256")
     args = shlex.join(cfg.embed.args)
     if "pretrain_stage2" in stages and not cfg.embed.vit4k:
+        if _pretrain_complete(pretrain_dir(cfg, "pretrain_stage2")):
+            # Stage 2 is done: a first embedding (random ViT-4K) would only undo the final one.
+            return []
         # Stage 2 learns from the patch features of a first embedding; the region features are
         # then computed again with the new ViT-4K (patch features unchanged, same file schema).
         first = Job(
@@ -251,6 +253,17 @@ def _embed_jobs(cfg: SlurmConfig, stages, common, logs) -> list[Job]:
         return [first]
     env = {**common, "VIT256": vit256, "VIT4K": _embed_weights(cfg, stages, "vit4k")}
     return [Job("embed", _template(cfg, "embed.sbatch"), options, {**env, "HIPT_EMBED_ARGS": args})]
+
+
+def _pretrain_complete(folder: Path) -> bool:
+    """Whether a pretraining run finished (``state.json`` says so and ``teacher.pth`` exists)."""
+    import json
+
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return state.get("status") == "complete" and (folder / "teacher.pth").is_file()
 
 
 def _embed_again_jobs(cfg: SlurmConfig, stages, common, logs) -> list[Job]:
@@ -323,10 +336,17 @@ def _heatmap_jobs(cfg: SlurmConfig, stages, common, logs) -> list[Job]:
     jobs = []
     for config in cfg.train.configs:
         cohort = Path(config).stem
+        # Token- and patch-level maps run the encoders again: the weights the features came from.
+        weights = []
+        for which in ("vit256", "vit4k"):
+            try:
+                weights += [f"--{which}", _embed_weights(cfg, stages, which)]
+            except ConfigError:
+                pass  # unknown here: region-level maps still render, and hipt heatmap says so
         env = {
             **common,
             "RUN": str(run_dir(cfg, config) / f"fold_{cfg.heatmap.fold}"),
-            "HIPT_HEATMAP_ARGS": shlex.join(cfg.heatmap.args),
+            "HIPT_HEATMAP_ARGS": shlex.join([*weights, *cfg.heatmap.args]),
         }
         after = [f"train-{cohort}"] if "train" in stages else []
         jobs.append(

@@ -7,8 +7,10 @@ touches a system Slurm. Tests that need it use the ``slurm_cluster`` fixture fro
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,18 +18,38 @@ from pathlib import Path
 BINARIES = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "sbatch", "squeue")
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports that are free on localhost now (the kernel picks them)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def slurm_available() -> bool:
     return all(shutil.which(b) or Path(b).exists() for b in BINARIES)
 
 
 class LocalSlurm:
-    """Munge, slurmctld and slurmd for one node called ``localhost``, all state under ``root``."""
+    """Munge, slurmctld and slurmd for one node called ``localhost``, all state under ``root``.
+
+    Each instance takes its own free ports and cluster name, so several can run at once (two
+    test runs side by side, or two fixtures in one run).
+    """
 
     def __init__(self, root: Path, cpus: int = 2) -> None:
         self.root = root
         self.cpus = cpus
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.ctld_port, self.slurmd_port = _free_ports(2)
+        self.cluster_name = f"hipt{secrets.token_hex(4)}"
 
     def _write_config(self) -> None:
         r = self.root
@@ -36,7 +58,7 @@ class LocalSlurm:
         self.conf.write_text(
             "\n".join(
                 [
-                    "ClusterName=hipttest",
+                    f"ClusterName={self.cluster_name}",
                     "SlurmctldHost=localhost",
                     "SlurmUser=root",
                     "AuthType=auth/munge",
@@ -55,8 +77,8 @@ class LocalSlurm:
                     f"SlurmdPidFile={r}/run/slurmd.pid",
                     f"SlurmctldLogFile={r}/log/slurmctld.log",
                     f"SlurmdLogFile={r}/log/slurmd.log",
-                    "SlurmctldPort=16817",
-                    "SlurmdPort=16818",
+                    f"SlurmctldPort={self.ctld_port}",
+                    f"SlurmdPort={self.slurmd_port}",
                     "MpiDefault=none",
                     f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=8000 State=UNKNOWN",
                     "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
