@@ -1,7 +1,7 @@
 """``hipt demo``: the whole HIPT flow on a generated cohort, from slides to heatmaps, on a laptop CPU.
 
 1. **cohort**: slides of two subtypes (gland-like rings or solid sheets) whose survival depends on
-   the lesions in them (:mod:`hipt.synthetic_demo`); the generator records where the lesions are.
+   the lesions in them (:mod:`hipt.synthetic.demo`); the generator records where the lesions are.
 2. ``hipt tile``: tissue masks, 4096 px regions at 0.5 µm/px, QC thumbnails.
 3. ``hipt pretrain stage1``: a short DINO pretraining of a shallow ViT-256 on the slides' patches.
 4. ``hipt embed`` with that ViT-256: patch features of every region.
@@ -136,7 +136,7 @@ def _stage(demo: Demo, name: str, what: str, fn) -> None:
 
 # ----------------------------------------------------------------------------- stages
 def stage_cohort(demo: Demo) -> None:
-    from hipt.synthetic_demo import write_demo_cohort
+    from hipt.synthetic.demo import write_demo_cohort
 
     cohort = write_demo_cohort(
         demo.out / "cohort",
@@ -277,7 +277,7 @@ def _linked_features(demo: Demo, name: str, slide_ids: list[str]) -> Path:
 
 
 def stage_heatmap(demo: Demo) -> None:
-    from hipt.synthetic_demo import read_demo_cohort
+    from hipt.synthetic.demo import read_demo_cohort
 
     cohort = read_demo_cohort(demo.out / "cohort")
     subtype = {s.slide_id: s.subtype for s in cohort.slides}

@@ -53,7 +53,7 @@ def attention_hits(out: Path) -> pd.DataFrame:
     """
     import h5py
 
-    from hipt.synthetic_demo import read_demo_cohort, region_lesion_fraction
+    from hipt.synthetic.demo import read_demo_cohort, region_lesion_fraction
 
     cohort = read_demo_cohort(out / "cohort")
     rows = []
@@ -164,7 +164,7 @@ def _section(title: str, sentence: str, body: str) -> str:
 
 
 def _tiling_section(out: Path) -> str:
-    from hipt.synthetic_demo import read_demo_cohort
+    from hipt.synthetic.demo import read_demo_cohort
 
     cohort = read_demo_cohort(out / "cohort")
     tiling = pd.read_csv(out / "tiling.csv")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hipt.synthetic_demo import (
+from hipt.synthetic.demo import (
     REGION_UM,
     DemoSlide,
     DemoTissueModel,

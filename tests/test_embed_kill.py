@@ -40,7 +40,9 @@ def test_kill_9_mid_slide_then_rerun_equals_uninterrupted_run(tmp_path: Path) ->
         slide = write_generic_tiff(
             tmp_path / "slides" / f"{sid}.tiff", 2048, 2048, mpp=1.0, seed=seed
         )
-        result = tile_slide(slide.path, tmp_path, TileSettings(min_tissue=0.05, allow_upsampling=True))
+        result = tile_slide(
+            slide.path, tmp_path, TileSettings(min_tissue=0.05, allow_upsampling=True)
+        )
         assert (result.status, result.n_regions) == ("ok", 1), result.error
     tiles, out = tmp_path / "tiles", tmp_path / "killed"
     features = out / "features"

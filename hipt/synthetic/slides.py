@@ -628,17 +628,3 @@ def write_huge_claim_tiff(
         fh.write(struct.pack("<I", 0))
         fh.write(blobs)
     return path
-
-
-def write_demo_slides(folder: str | os.PathLike, *, seed: int = 0) -> list[Path]:
-    """A small folder of good slides for the demo: one SVS, two TIFFs (one with pen marks)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [
-        write_svs(folder / "demo_svs_025.svs", 12288, 10240, mpp=0.25, seed=seed).path,
-        write_generic_tiff(folder / "demo_tiff_05.tiff", 8192, 6144, mpp=0.5, seed=seed + 1).path,
-        write_generic_tiff(
-            folder / "demo_pen_05.tiff", 6144, 6144, mpp=0.5, seed=seed + 2, pen_marks=True
-        ).path,
-    ]
-    return paths

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from hipt.atomic import write_text_atomic
-from hipt.synthetic import (
+from hipt.synthetic.slides import (
     EOSIN_RGB,
     FIELD_STEP_UM,
     GLASS_RGB,
