@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from hipt.atomic import write_text_atomic
+from hipt.faults import Terminated, raise_on_sigterm
 from hipt.names import check_name
 from train.config import resolve, to_yaml
 
@@ -286,7 +287,8 @@ def _run_folds(
     store = BagStore(
         cohort, key, cache=key == "region_features" if cache == "auto" else bool(cache)
     )
-    failed = []
+    failed: list[int] = []
+    finished: list[int] = []
     for k in folds:
         fold_dir = run_dir / f"fold_{k}"
         if fold_is_done(fold_dir):
@@ -294,6 +296,9 @@ def _run_folds(
             continue
         try:
             m = FoldRunner(cfg, cohort, store, fold_cases(splits, k), k, fold_dir).run()
+        except Terminated:
+            _say_terminated(finished, k, fold_dir)
+            raise
         except Exception as exc:  # one failing fold must not stop the others
             failed.append(k)
             print(f"fold {k}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -307,7 +312,20 @@ def _run_folds(
         )
         chosen = "last epoch" if m["selected_on"] == "last" else "best epoch"
         print(f"fold {k}: {chosen} {m['best_epoch']} of {m['epochs_run']}; test {line}")
+        finished.append(k)
     return failed
+
+
+def _say_terminated(finished: list[int], current: int, fold_dir: Path) -> None:
+    done = f" ({', '.join(map(str, finished))})" if finished else ""
+    resume = (fold_dir / "resume.pt").exists()
+    print(
+        f"hipt train: terminated: {len(finished)} fold(s) finished this run{done}; fold "
+        f"{current} was interrupted and "
+        + ("resumes from its last epoch" if resume else "starts again")
+        + " when the same command runs again",
+        file=sys.stderr,
+    )
 
 
 def _num(x: float | None, spec: str = ".3f") -> str:
@@ -332,4 +350,7 @@ def main(args: argparse.Namespace) -> int:
         n_done = int((summary["status"] == "complete").sum())
         print(f"{n_done} of {len(summary)} fold(s) finished; report: {run_dir / 'report.md'}")
         return 0
-    return run(cfg, args.fold)
+    # SIGTERM (Slurm's preemption, kill): stop between two steps, the files written so far are
+    # complete; hipt.cli turns it into exit 143.
+    with raise_on_sigterm():
+        return run(cfg, args.fold)
