@@ -228,11 +228,14 @@ def test_sigterm_stops_workers_and_records_what_finished(tiff_pen, tmp_path):
     import signal
     import time
 
-    d = _many_slides(tmp_path, tiff_pen, 8)
+    # Enough slides that the run cannot finish before the signal, however idle the machine.
+    d = _many_slides(tmp_path, tiff_pen, 40)
     out = tmp_path / "out"
     proc = _start([d, "--out", out, "--workers", "2"])
     workers = _wait_for_workers(proc, 2)
-    time.sleep(1.5)
+    end = time.monotonic() + 60
+    while not list((out / "tiles").glob("*.h5")) and time.monotonic() < end:
+        time.sleep(0.05)  # signal once the first slide is done: some finished, most not
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
@@ -248,7 +251,7 @@ def test_sigterm_stops_workers_and_records_what_finished(tiff_pen, tmp_path):
     again = hipt_tile(d, "--out", out, "--workers", "2")
     assert again.returncode == 0
     rows = {r["slide_id"]: r for r in csv.DictReader(open(out / "tiling.csv"))}
-    assert len(rows) == 8 and all(r["status"] in ("ok", "skipped") for r in rows.values())
+    assert len(rows) == 40 and all(r["status"] in ("ok", "skipped") for r in rows.values())
 
 
 @pytest.mark.slow

@@ -222,3 +222,17 @@ def test_unsafe_names_are_refused_naming_the_value(bad):
 def test_ordinary_slide_and_case_ids_pass():
     for good in ("TCGA-05-4244-01Z-00-DX1", "case_01", "slide 3", "Ü-1.svs"):
         assert check_name(good, "slide id") == good
+
+
+def test_example_pretraining_configs_load_with_their_stage_schema():
+    from train.dino.config import load_stage_config
+
+    folder = Path(__file__).resolve().parents[1] / "train" / "configs"
+    configs = sorted(folder.glob("dino_*.yaml"))
+    assert len(configs) == 4
+    for path in configs:
+        stage = "stage1" if "stage1" in path.name else "stage2"
+        cfg = load_stage_config(stage, path)
+        assert config_dict(cfg), path
+        with pytest.raises(ConfigError):  # the other stage's schema refuses it
+            load_stage_config("stage2" if stage == "stage1" else "stage1", path)

@@ -352,7 +352,9 @@ def test_example_configs_load_and_validate():
 
     from train.config import load_yaml
 
-    configs = sorted((Path(__file__).parent.parent / "train" / "configs").glob("*.yaml"))
+    folder = Path(__file__).parent.parent / "train" / "configs"
+    # dino_*.yaml are pretraining configs, checked against their own schema in test_dino_*.
+    configs = sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("dino_"))
     assert len(configs) >= 4
     for path in configs:
         cfg = validate(merge(default_config(), load_yaml(path)))
