@@ -146,7 +146,9 @@ def test_overlay_toggle_changes_only_the_planted_region(browser, viewer_url, tmp
     assert (diff[inside] > 10).mean() > 0.95, "the overlay did not change the planted region"
     ys, xs = np.nonzero(elsewhere & (diff > 2))
     where = f"{len(xs)} px in x {xs.min()}-{xs.max()}, y {ys.min()}-{ys.max()}" if len(xs) else ""
-    assert diff[elsewhere].max() <= 2, f"pixels changed outside the planted region: {where}, {rects}"
+    assert diff[elsewhere].max() <= 2, (
+        f"pixels changed outside the planted region: {where}, {rects}"
+    )
 
     page.check("#overlay-0")
     _wait_idle(page)
