@@ -31,6 +31,7 @@ from heatmaps.inputs import (
     load_fold,
     open_features,
 )
+from hipt.config import add_set_argument
 
 __all__ = ["add_arguments", "main", "run_heatmaps"]
 
@@ -90,14 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output root; a slide goes to OUT/<slide_id>/ (default: heatmaps)",
     )
     parser.add_argument("--config", type=Path, help="YAML file of heatmap settings")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. smoothing.passes=4 (repeatable)",
-    )
+    add_set_argument(parser, "smoothing.passes=4")
     parser.add_argument("--device", default=None, help="torch device (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="render again even if up to date")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")

@@ -25,6 +25,7 @@ hipt.config.ConfigError: invalid config: optim.lr = 'fast': Input should be a va
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import types
@@ -43,6 +44,7 @@ __all__ = [
     "ConfigError",
     "ConfigModel",
     "RelPath",
+    "add_set_argument",
     "config_dict",
     "config_to_yaml",
     "describe_validation_error",
@@ -139,6 +141,18 @@ def read_config_file(
     fields = _path_fields(schema) if schema is not None else []
     _resolve_relative(data, fields + list(relative_keys), Path(path).resolve().parent)
     return data
+
+
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """The ``--set KEY=VALUE`` option every config-taking command shares (into ``overrides``)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key, e.g. {example} (repeatable)",
+    )
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

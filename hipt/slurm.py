@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from hipt.config import ConfigError, ConfigModel, RelPath, load_config
+from hipt.config import ConfigError, ConfigModel, RelPath, add_set_argument, load_config
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
 
@@ -503,7 +503,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         q.add_argument(
             "--config", required=True, help="cluster YAML (see slurm/cluster.example.yaml)"
         )
-        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        add_set_argument(q, "defaults.partition=gpu")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from hipt.atomic import write_text_atomic
+from hipt.config import add_set_argument
 from hipt.faults import Terminated, raise_on_sigterm
 from hipt.names import check_name
 from train.config import resolve, to_yaml
@@ -42,14 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--features-dir", default=None, help="features folder (overrides the config)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. train.lr=1e-4 (repeatable)",
-    )
+    add_set_argument(parser, "train.lr=1e-4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--report-only",

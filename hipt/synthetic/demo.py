@@ -295,6 +295,7 @@ def _write_slide(folder: Path, slide_id: str, case: dict, spec: dict, seed: int)
     cell = min(REGION_UM, width_um - 2 * MARGIN_UM, height_um - 2 * MARGIN_UM)
     lesion_regions = rng.choice(n_regions, size=min(len(spec["radii"]), n_regions), replace=False)
     lesions = []
+    # A slide with fewer regions than lesions keeps as many lesions as it has regions.
     for k, radius in zip(lesion_regions, spec["radii"], strict=False):
         r = min(float(radius), 0.42 * cell)
         cx = MARGIN_UM + (k + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hipt.config import add_set_argument
 from hipt.distributed import detect
 
 __all__ = ["add_arguments", "main"]
@@ -24,14 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", metavar="FILE", help="YAML config (see train/configs/dino_*.yaml)"
     )
-    parser.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override a config key, e.g. --set optim.lr=0.0005 (repeatable)",
-    )
+    add_set_argument(parser, "optim.lr=0.0005")
     parser.add_argument("--out", metavar="DIR", help="output folder (config key 'out')")
     parser.add_argument(
         "--resume", metavar="PATH", help="resume from this checkpoint (default OUT/checkpoint.pth)"
