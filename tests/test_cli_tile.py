@@ -211,14 +211,20 @@ def _start(args, env=None):
 
 
 def _wait_for_workers(proc, count: int, timeout: float = 60.0) -> list[int]:
+    """The pool workers: children seen in two samples 0.3 s apart.
+
+    A short-lived helper the main process forks (a subprocess before its exec) carries the same
+    command line for a moment; requiring a child to persist keeps such a process out.
+    """
     import time
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        kids = _children(proc.pid)
-        if len(kids) >= count:
-            return kids
-        time.sleep(0.05)
+        first = set(_children(proc.pid))
+        time.sleep(0.3)
+        lasting = sorted(first & set(_children(proc.pid)))
+        if len(lasting) >= count:
+            return lasting
     raise AssertionError("workers never started")
 
 
@@ -263,9 +269,15 @@ def test_a_killed_worker_fails_only_its_slide(tiff_pen, tmp_path):
     d = _many_slides(tmp_path, tiff_pen, 6)
     out = tmp_path / "out"
     proc = _start([d, "--out", out, "--workers", "2"])
-    victim = _wait_for_workers(proc, 2)[0]
-    time.sleep(0.5)  # busy with its first slide
-    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.5)  # the workers are busy with their first slides
+    for _ in range(3):
+        try:
+            os.kill(_wait_for_workers(proc, 2)[0], signal.SIGKILL)
+            break
+        except ProcessLookupError:  # it exited between the listing and the kill: pick again
+            continue
+    else:
+        raise AssertionError("no worker could be killed")
     stdout, stderr = proc.communicate(timeout=120)
     rows = {r["slide_id"]: r for r in csv.DictReader(open(out / "tiling.csv"))}
     assert len(rows) == 6
