@@ -101,12 +101,20 @@ class Demo:
 
     def hipt(self, stage: str, argv: list[str], *, quiet_ok: bool = False) -> None:
         """Run ``hipt ARGV`` in this process; a non-zero exit stops the demo, naming the stage."""
+        import torch
+
         from hipt.cli import main as hipt_main
 
         if not self.progress and "--no-progress" not in argv and argv[0] != "inspect":
             argv = [*argv, "--no-progress"]
         print(f"$ hipt {shlex.join(argv)}", flush=True)
-        code = hipt_main(argv)
+        # The stages run in this process, and a stage's ``threads`` setting (pretraining and
+        # training use one thread) would otherwise carry over into the next: embed on one core.
+        threads = torch.get_num_threads()
+        try:
+            code = hipt_main(argv)
+        finally:
+            torch.set_num_threads(threads)
         if code != 0:
             raise SystemExit(
                 f"hipt demo: stage {stage} failed: 'hipt {shlex.join(argv)}' -> {code}"
