@@ -11,6 +11,11 @@ are skipped, and ``heatmaps.csv`` records ok / skipped / failed per slide::
 
     hipt heatmap --run runs/lung/fold_0 --features out/features --out heatmaps
     hipt heatmap --run runs/lung/fold_0 --cohort --config heatmap.yaml --set smoothing.passes=4
+
+Runs may share ``--out``: a slide is rendered under its lock, ``OUT/.<slide_id>.lock``
+(:class:`hipt.runlock.ItemLock`); a slide another live run is rendering is left to it
+(``locked``), a dead run's lock is taken over, only the holder removes a slide's leftover
+temporary folders, and ``heatmaps.csv`` is merged under a file lock, one row per slide.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from heatmaps.inputs import (
     open_features,
 )
 from hipt.config import add_set_argument
+from hipt.runlock import ItemLock, locked_file
 
 __all__ = ["add_arguments", "main", "run_heatmaps"]
 
@@ -43,7 +49,7 @@ class SlideRecord:
     """One row of ``heatmaps.csv``."""
 
     slide_id: str
-    status: str  # ok | skipped | failed
+    status: str  # ok | skipped | failed | locked (another live run is rendering it)
     seconds: float = 0.0
     error: str = ""
     features_path: str = ""
@@ -135,20 +141,47 @@ def _read_records(path: Path) -> dict[str, SlideRecord]:
         }
 
 
-def _write_records(path: Path, records: dict[str, SlideRecord]) -> None:
+def _merge_records(path: Path, mine: list[SlideRecord]) -> None:
+    """Merge ``mine`` into ``heatmaps.csv`` under its file lock: one row per slide, none lost.
+
+    A ``locked`` row never replaces a row already there: the run holding the slide records it.
+    """
     from hipt.atomic import atomic_path
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(SlideRecord.__dataclass_fields__))
-        w.writeheader()
-        for r in records.values():
-            w.writerow(asdict(r))
+    with locked_file(path):
+        records = _read_records(path)
+        for r in mine:
+            if r.status != "locked" or r.slide_id not in records:
+                records[r.slide_id] = r
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(SlideRecord.__dataclass_fields__))
+            w.writeheader()
+            for r in records.values():
+                w.writerow(asdict(r))
 
 
 def _needs_encoder(fold: TrainedFold, cfg: HeatmapConfig) -> bool:
     tokens = "token" in cfg.levels and cfg.top_k > 0
     patches = "region" in cfg.levels and fold.input_key != "patch_features"
     return tokens or patches or cfg.smoothing.passes > 1
+
+
+def _encoder_for(
+    info, args: argparse.Namespace, fold: TrainedFold, cfg: HeatmapConfig, encoders: dict
+) -> object | None:
+    """The region encoder a render of this slide needs (None when it needs none)."""
+    if not _needs_encoder(fold, cfg):
+        return None
+    # One encoder per set of weights, shared by the slides embedded with it.
+    key = tuple(
+        str(info.attrs.get(k))
+        for k in ("vit256_sha256", "vit4k_sha256", "random_seed", "random_depth")
+    )
+    if key not in encoders:
+        encoders[key] = build_encoder(
+            info.attrs, args.vit256, args.vit4k, device=cfg.device, patch_batch=cfg.patch_batch
+        )
+    return encoders[key]
 
 
 def _one_slide(
@@ -172,26 +205,27 @@ def _one_slide(
         info = open_features(path, fold)
         slide_path = find_slide(info, args.slide, args.tiles, args.slides)
         job = SlideJob(info, slide_path, features_sha256(path))
-        if not args.overwrite and is_rendered(args.out / slide_id, fingerprint(fold, job, cfg)):
+        key = fingerprint(fold, job, cfg)
+        if not args.overwrite and is_rendered(args.out / slide_id, key):
             say(f"{slide_id}: up to date, skipped")
             return SlideRecord(slide_id, "skipped", features_path=str(path))
-        encoder = None
-        if _needs_encoder(fold, cfg):
-            # One encoder per set of weights, shared by the slides embedded with it.
-            key = tuple(
-                str(info.attrs.get(k))
-                for k in ("vit256_sha256", "vit4k_sha256", "random_seed", "random_depth")
-            )
-            if key not in encoders:
-                encoders[key] = build_encoder(
-                    info.attrs,
-                    args.vit256,
-                    args.vit4k,
-                    device=cfg.device,
-                    patch_batch=cfg.patch_batch,
+        lock = ItemLock(args.out / f".{slide_id}.lock")
+        if not lock.acquire():
+            owner = lock.owner() or "another run"
+            return SlideRecord(slide_id, "locked", 0.0, f"being rendered by {owner}", str(path))
+        try:
+            if lock.took_over is not None:
+                say(
+                    f"{slide_id}: took over the lock of {lock.took_over}, which is no longer running"
                 )
-            encoder = encoders[key]
-        render_slide(fold, job, encoder, cfg, args.out, say=say)
+            # The holder may have finished it between our first look and our lock.
+            if not args.overwrite and is_rendered(args.out / slide_id, key):
+                say(f"{slide_id}: rendered by another run meanwhile, skipped")
+                return SlideRecord(slide_id, "skipped", features_path=str(path))
+            encoder = _encoder_for(info, args, fold, cfg, encoders)
+            render_slide(fold, job, encoder, cfg, args.out, say=say)
+        finally:
+            lock.release()
     except Exception as exc:  # one bad slide must not stop the batch
         line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not isinstance(exc, InputError | ValueError):
@@ -220,7 +254,7 @@ def run_heatmaps(args: argparse.Namespace, cfg: HeatmapConfig) -> int:
         print(f"hipt heatmap: {out} is a Python package folder; pass --out DIR", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    records = _read_records(out / RECORD_CSV)
+    records: dict[str, SlideRecord] = {}  # this run's, merged into the CSV slide by slide
     encoders: dict[tuple, object] = {}
 
     bar = tqdm(paths, unit="slide", disable=not cfg.progress or len(paths) < 2, file=sys.stderr)
@@ -230,15 +264,20 @@ def run_heatmaps(args: argparse.Namespace, cfg: HeatmapConfig) -> int:
         records[record.slide_id] = record
         if record.status == "failed":
             print(f"{record.slide_id}: FAILED: {record.error}", file=sys.stderr)
-        _write_records(out / RECORD_CSV, records)
+        elif record.status == "locked":
+            print(f"{record.slide_id}: left alone, {record.error}", file=sys.stderr)
+        _merge_records(out / RECORD_CSV, [record])
     bar.close()
-    _write_records(out / RECORD_CSV, records)
+    _merge_records(out / RECORD_CSV, [])  # the record exists even when no slide was given
     this = [records[p.stem] for p in paths if p.stem in records]
     failed = [r for r in this if r.status == "failed"]
     n_ok = sum(r.status == "ok" for r in this)
     n_skip = sum(r.status == "skipped" for r in this)
+    n_locked = sum(r.status == "locked" for r in this)
     print(
-        f"hipt heatmap: {n_ok} rendered, {n_skip} skipped, {len(failed)} failed; record: {out / RECORD_CSV}",
+        f"hipt heatmap: {n_ok} rendered, {n_skip} skipped, {len(failed)} failed"
+        + (f", {n_locked} left to other runs" if n_locked else "")
+        + f"; record: {out / RECORD_CSV}",
         file=sys.stderr,
     )
     for r in failed:

@@ -7,6 +7,7 @@ rename at the end, so a failed or killed render leaves no partial output under t
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -248,13 +249,15 @@ def render_slide(
     *,
     say=print,
 ) -> dict[str, Any]:
-    """Score and render one slide into ``out_root/<slide_id>/``; return its ``heatmap.json``."""
+    """Score and render one slide into ``out_root/<slide_id>/``; return its ``heatmap.json``.
+
+    The caller holds the slide's lock (``out_root/.<slide_id>.lock``), so any temporary folder
+    of this slide found here was left by a dead run.
+    """
     t0 = time.perf_counter()
     final = out_root / job.slide_id
-    for stale in [
-        *out_root.glob(f".{job.slide_id}.tmp-*"),
-        *out_root.glob(f".{job.slide_id}.old-*"),
-    ]:
+    escaped = glob.escape(job.slide_id)  # "s[1]" must not match (and remove) the folders of "s1"
+    for stale in [*out_root.glob(f".{escaped}.tmp-*"), *out_root.glob(f".{escaped}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed render
     tmp = out_root / f".{job.slide_id}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)

@@ -9,7 +9,10 @@ files, or lose each other's rows in a run record. Two helpers, for any stage:
   process is left alone; a lock whose process is dead (same host, PID gone or reused) is taken
   over. Only the lock holder may delete the item's temporary files, so a live process's files
   are never touched. A lock from another host cannot be checked and counts as held; its line
-  says which host to look at.
+  says which host to look at. One exception, so that a requeued Slurm job never waits for
+  itself: the lock also records the job's ``SLURM_JOB_ID`` and ``SLURM_RESTART_COUNT``, and a
+  lock written by an earlier start of this very job (same job id, lower restart count) is dead
+  wherever it was taken, since Slurm ends every process of a job before starting it again.
 * :func:`locked_file`: an exclusive ``flock`` on a side file for a read-modify-write of a shared
   record (``embedding.csv``): read the latest rows, merge, write atomically, unlock.
 
@@ -34,7 +37,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["LockOwner", "ItemLock", "locked_file", "process_alive"]
@@ -54,6 +57,16 @@ def _start_time(pid: int) -> str:
         return ""
 
 
+def _slurm_job() -> tuple[str, int]:
+    """This process's Slurm job id and restart count (``("", 0)`` outside Slurm)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    try:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        restart = 0
+    return job, restart
+
+
 def process_alive(pid: int, started: str = "") -> bool:
     """Whether process ``pid`` of this host runs (and, if ``started`` is given, is that process)."""
     if pid <= 0:
@@ -69,26 +82,40 @@ def process_alive(pid: int, started: str = "") -> bool:
 
 @dataclass(frozen=True)
 class LockOwner:
-    """Who holds a lock: host name, PID, process start time and when the lock was taken."""
+    """Who holds a lock: host, PID, process start time, when it was taken, and its Slurm job.
+
+    ``job`` and ``restart`` are the owner's ``SLURM_JOB_ID`` and ``SLURM_RESTART_COUNT`` (empty
+    and 0 outside Slurm).
+    """
 
     host: str
     pid: int
     started: str = ""
     since: float = 0.0
+    job: str = ""
+    restart: int = 0
 
     @classmethod
     def me(cls) -> LockOwner:
         pid = os.getpid()
-        return cls(socket.gethostname(), pid, _start_time(pid), time.time())
+        job, restart = _slurm_job()
+        return cls(socket.gethostname(), pid, _start_time(pid), time.time(), job, restart)
 
     def alive(self) -> bool:
-        """True unless the owner is known to be dead (only a process of this host can be checked)."""
+        """True unless the owner is known to be dead (see the module docstring for how)."""
+        my_job, my_restart = _slurm_job()
+        if self.job and self.job == my_job and self.restart < my_restart:
+            return False  # an earlier start of this requeued job: Slurm ended it before this one
         if self.host != socket.gethostname():
             return True
         return process_alive(self.pid, self.started)
 
+    def as_json(self) -> str:
+        return json.dumps(asdict(self))
+
     def __str__(self) -> str:
-        return f"{self.host} pid {self.pid}"
+        job = f", Slurm job {self.job}" if self.job else ""
+        return f"{self.host} pid {self.pid}{job}"
 
 
 class ItemLock:
@@ -110,7 +137,8 @@ class ItemLock:
         try:
             data = json.loads(self.path.read_text())
             return LockOwner(str(data["host"]), int(data["pid"]), str(data.get("started", "")),
-                             float(data.get("since", 0.0)))  # fmt: skip
+                             float(data.get("since", 0.0)), str(data.get("job", "")),
+                             int(data.get("restart", 0)))  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -130,8 +158,7 @@ class ItemLock:
         return self._take_over(owner)
 
     def _create(self) -> bool:
-        me = LockOwner.me()
-        text = json.dumps(dict(host=me.host, pid=me.pid, started=me.started, since=me.since))
+        text = LockOwner.me().as_json()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:

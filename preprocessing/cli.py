@@ -1,8 +1,8 @@
 """``hipt tile``: segment tissue and cut slides into 4096 px regions.
 
 Writes ``OUT/tiles/<slide_id>.h5``, ``OUT/qc/<slide_id>.png`` and ``OUT/tiling.csv``. Exit code 0
-when every slide is tiled (or skipped), 1 when any slide failed, 2 when the output folder cannot
-be written.
+when every slide is tiled (or skipped, or left to another live run tiling it into ``OUT``), 1 when
+any slide failed, 2 when the output folder cannot be written.
 """
 
 from __future__ import annotations
@@ -162,18 +162,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def summary(results: list[TileResult]) -> str:
     """A short text summary: counts by status, then every failed or skipped-with-reason slide."""
-    statuses = ("ok", "skipped", "failed", "not_processed")
+    statuses = ("ok", "skipped", "failed", "not_processed", "locked")
     counts = {s: sum(r.status == s for r in results) for s in statuses}
     regions = sum(r.n_regions for r in results if r.status in ("ok", "skipped"))
     lines = [
         f"tiled {counts['ok']} slide(s), skipped {counts['skipped']}, failed {counts['failed']}, "
-        f"not processed {counts['not_processed']}; {regions} regions in total"
+        f"not processed {counts['not_processed']}"
+        + (f", left to other runs {counts['locked']}" if counts["locked"] else "")
+        + f"; {regions} regions in total"
     ]
     failed = [r for r in results if r.status == "failed"]
     if failed:
         lines.append("failed:")
         lines += [f"  {r.slide_id}: {r.error}" for r in failed]
-    noted = [r for r in results if r.status in ("skipped", "not_processed") and r.error]
+    noted = [r for r in results if r.status in ("skipped", "not_processed", "locked") and r.error]
     if noted:
         lines.append("not processed:")
         lines += [f"  {r.slide_id}: {r.error}" for r in noted]

@@ -4,12 +4,19 @@ For each slide: segment tissue on a low-resolution level, lay a grid of regions 
 ``target_mpp``) over the tissue bounding box, keep regions whose tissue fraction reaches
 ``min_tissue``, and write ``tiles/<slide_id>.h5``, ``qc/<slide_id>.png``; a batch also writes
 ``tiling.csv``. Only low-resolution levels are read, so tiling time does not grow with the slide.
+
+Runs may share an output folder (a requeued Slurm task beside its predecessor, overlapping
+shards): a slide is tiled only under its lock, ``tiles/.<slide_id>.lock``
+(:class:`hipt.runlock.ItemLock`); a slide another live process holds is reported ``locked`` and
+left to it, and only the holder removes a slide's leftover temporary files. ``tiling.csv`` is
+merged under a file lock, so no run loses another's rows.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import glob
 import io
 import math
 import os
@@ -36,6 +43,7 @@ from hipt.h5schema import SchemaError, read_tiles, write_tiles
 from hipt.names import check_name
 from hipt.readers import SlideReadError
 from hipt.readers.base import EDGE_FILLS
+from hipt.runlock import ItemLock, locked_file
 from hipt.shard import Shard, shard_items
 from hipt.slide import Slide, dicom_instances, slide_id_for
 from preprocessing.tissue import SegmentationParams, TissueMask, segment_tissue
@@ -153,7 +161,7 @@ class TileResult:
 
     slide_id: str
     slide_path: str
-    status: str  # ok | failed | skipped | not_processed
+    status: str  # ok | failed | skipped | not_processed | locked (left to another live run)
     n_regions: int = 0
     mpp_level0: float | None = None
     mpp_source: str = ""
@@ -316,23 +324,39 @@ def write_png_atomic(image: Image.Image, path: Path) -> None:
 
 
 def write_csv_atomic(results: Sequence[TileResult], path: Path) -> None:
-    """Write ``tiling.csv`` atomically: one row per slide, earlier runs' rows kept.
+    """Merge this run's rows into ``tiling.csv`` atomically: one row per slide, others' rows kept.
 
-    Rows of an existing record whose slide this run does not mention stay (in their order,
-    first); every slide of this run gets this run's row, so the latest run wins.
+    Under a file lock (:func:`hipt.runlock.locked_file`), so runs finishing together lose no
+    row: rows on disk whose slide this run does not mention stay (in their order, first); every
+    slide of this run gets this run's row, so the latest run wins. A ``locked`` row (the slide
+    was left to another live run) never replaces a row already there: that run writes the
+    outcome.
     """
-    mine = {r.slide_id for r in results}
-    kept: list[dict[str, str]] = []
+    with locked_file(path):
+        on_disk = _read_csv_rows(path)
+        present = {row["slide_id"] for row in on_disk}
+        results = [r for r in results if r.status != "locked" or r.slide_id not in present]
+        mine = {r.slide_id for r in results}
+        _write_rows([row for row in on_disk if row["slide_id"] not in mine], results, path)
+
+
+def _read_csv_rows(path: Path) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
     try:
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
-                if row.get("slide_id") and row["slide_id"] not in mine:
-                    kept.append({k: row.get(k) or "" for k in CSV_COLUMNS})
+                if row.get("slide_id"):
+                    rows.append({k: row.get(k) or "" for k in CSV_COLUMNS})
     except FileNotFoundError:
         pass
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         # A damaged record is rewritten from this run alone; say so rather than fail the batch.
         print(f"warning: {path}: earlier rows dropped, cannot read it ({exc})", file=sys.stderr)
+        return []
+    return rows
+
+
+def _write_rows(kept: list[dict[str, str]], results: Sequence[TileResult], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
@@ -350,14 +374,49 @@ def qc_path(out_dir: Path, slide_id: str) -> Path:
     return Path(out_dir) / "qc" / f"{slide_id}.png"
 
 
+def lock_path(out_dir: Path, slide_id: str) -> Path:
+    """The slide's lock, ``tiles/.<slide_id>.lock`` (a dot-file: no reader lists it)."""
+    return Path(out_dir) / "tiles" / f".{slide_id}.lock"
+
+
 def remove_leftovers(out_dir: Path, slide_id: str) -> None:
-    """Remove temporary files a killed run left for ``slide_id`` (``.<id>.h5.tmp-*`` and PNG)."""
+    """Remove temporary files a killed run left for ``slide_id`` (``.<id>.h5.tmp-*`` and PNG).
+
+    Only for the holder of the slide's lock: any such file then belongs to a dead run.
+    """
+    # Escaped: the leftovers of "s[1]" are not those of "s1".
     for folder, suffix in (("tiles", ".h5"), ("qc", ".png")):
-        for tmp in (Path(out_dir) / folder).glob(f".{slide_id}{suffix}.tmp-*"):
+        for tmp in (Path(out_dir) / folder).glob(f".{glob.escape(slide_id)}{suffix}.tmp-*"):
             try:
                 tmp.unlink()
             except FileNotFoundError:
                 pass
+
+
+def sweep_leftovers(
+    out_dir: Path, slide_ids: Iterable[str], say: Callable[[str], None] = print
+) -> None:
+    """Remove what killed runs left for these slides (skipped ones too), each under its lock.
+
+    A slide another live process holds keeps its temporary files: they are being written.
+    """
+    stale: dict[str, list[Path]] = {}
+    for folder, suffix in (("tiles", ".h5"), ("qc", ".png")):
+        for tmp in (Path(out_dir) / folder).glob(".*.tmp-*"):
+            name = tmp.name[1:].rsplit(".tmp-", 1)[0]
+            if name.endswith(suffix):
+                stale.setdefault(name[: -len(suffix)], []).append(tmp)
+    for slide_id in sorted(set(slide_ids) & set(stale)):
+        lock = ItemLock(lock_path(out_dir, slide_id))
+        if lock.acquire():
+            if lock.took_over is not None:
+                say(
+                    f"{slide_id}: took over the lock of {lock.took_over}, which is no longer running"
+                )
+            try:
+                remove_leftovers(out_dir, slide_id)
+            finally:
+                lock.release()
 
 
 def existing_result(path: Path, out_dir: Path, settings: TileSettings) -> TileResult | None:
@@ -533,8 +592,29 @@ def tile_slide(
     >>> r = tile_slide(p, d / "out", TileSettings())
     >>> r.status, r.n_regions >= 1
     ('ok', True)
+
+    The slide's lock (``tiles/.<slide_id>.lock``) is held while it is tiled; a slide another
+    live process holds is returned ``locked`` and left alone.
     """
     path, out_dir = Path(path), Path(out_dir)
+    (out_dir / "tiles").mkdir(parents=True, exist_ok=True)
+    lock = ItemLock(lock_path(out_dir, slide_id_for(path)))
+    if not lock.acquire():
+        return _locked_result(path, lock)
+    try:
+        return _tile_held_slide(path, out_dir, settings)
+    finally:
+        lock.release()
+
+
+def _locked_result(path: Path, lock: ItemLock) -> TileResult:
+    owner = lock.owner()
+    holder = f"being tiled by {owner}" if owner is not None else "being tiled by another run"
+    return TileResult(slide_id_for(path), str(path), "locked", error=f"{path}: {holder}")
+
+
+def _tile_held_slide(path: Path, out_dir: Path, settings: TileSettings) -> TileResult:
+    """:func:`tile_slide` for a caller that holds the slide's lock (perhaps another process)."""
     start = time.perf_counter()
     slide_id = slide_id_for(path)
     result = TileResult(slide_id=slide_id, slide_path=str(path), status="failed")
@@ -562,6 +642,50 @@ def tile_slide(
                 result.error = _one_line(f"{result.error}; cannot remove the stale {stale}: {exc}")
     result.seconds = time.perf_counter() - start
     return result
+
+
+class SlideClaims:
+    """The slides a batch holds: their locks, taken and released in the batch's main process.
+
+    Taken right before a slide is tiled (not all at the start), so two runs over the same slides
+    share them out; pool workers tile a slide under its main process's lock.
+    """
+
+    def __init__(
+        self, out_dir: Path, settings: TileSettings, overwrite: bool, say: Callable[[str], None]
+    ) -> None:
+        self.out_dir, self.settings, self.overwrite, self.say = out_dir, settings, overwrite, say
+        self.held: dict[Path, ItemLock] = {}
+
+    def claim(self, path: Path) -> TileResult | None:
+        """None when this run holds ``path`` and must tile it; else its result (locked, skipped)."""
+        if path in self.held:
+            return None
+        slide_id = slide_id_for(path)
+        lock = self.held[path] = ItemLock(lock_path(self.out_dir, slide_id))
+        # Registered before it is taken, so a SIGTERM in between still gives it back.
+        if not lock.acquire():
+            del self.held[path]
+            return _locked_result(path, lock)
+        if lock.took_over is not None:
+            self.say(
+                f"{slide_id}: took over the lock of {lock.took_over}, which is no longer running"
+            )
+        # The holder may have finished it between our first look and our lock.
+        done = None if self.overwrite else existing_result(path, self.out_dir, self.settings)
+        if done is not None:
+            self.release(path)
+            return done
+        return None
+
+    def release(self, path: Path) -> None:
+        lock = self.held.pop(path, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for path in list(self.held):
+            self.release(path)
 
 
 # ---------------------------------------------------------------------------------- batch
@@ -702,7 +826,9 @@ def tile_batch(
     tiled and the record is ``tiling.<shard tag>.csv``, so array tasks never write the same file.
 
     Slides whose tiles file is complete, valid and made with the same settings are skipped
-    unless ``overwrite``. Failure lines always go to stderr, with or without the progress bar.
+    unless ``overwrite``; a slide another live process is tiling in ``out_dir`` (it holds the
+    slide's lock) is ``locked`` and left to it. Failure lines always go to stderr, with or
+    without the progress bar.
     A worker process that dies (e.g. killed for memory) fails only its own slide; the pool is
     rebuilt for the rest. Raises ``OSError`` only when ``out_dir`` cannot be written, and
     :class:`Terminated` (after writing the record of what finished) on SIGTERM, when
@@ -720,6 +846,7 @@ def tile_batch(
     check_output_dir(out_dir)
     slides, problems = collect_slides(inputs)
     slides = shard_items(slides, shard, key=slide_id_for)
+    sweep_leftovers(out_dir, map(slide_id_for, slides), lambda line: print(line, file=sys.stderr))
     results: dict[Path, TileResult] = {}
     todo: list[Path] = []
     for p in slides:
@@ -732,11 +859,18 @@ def tile_batch(
         total=len(slides), desc="tiling", unit="slide", disable=not progress, initial=len(results)
     )
 
+    claims = SlideClaims(out_dir, settings, overwrite, lambda line: _say(bar, progress, line))
+
     def finish(p: Path, r: TileResult) -> None:
-        results[p] = r
+        if results.get(p) is r:
+            return  # a SIGTERM cut the first call short; the pool's futures report it again
+        results[p] = r  # first: a SIGTERM from here on still finds the slide recorded
+        claims.release(p)
         bar.update(1)
         if r.status == "failed":
             _say(bar, progress, f"failed: {r.error}")
+        elif r.status == "locked":
+            _say(bar, progress, f"left alone: {r.error}")
         elif r.error:
             _say(bar, progress, f"warning: {r.error}")
         if on_result is not None:
@@ -746,11 +880,13 @@ def tile_batch(
     try:
         if workers <= 1 or len(todo) <= 1:
             for p in todo:
-                finish(p, tile_slide(p, out_dir, settings))
+                early = claims.claim(p)
+                finish(p, early if early is not None else _tile_held_slide(p, out_dir, settings))
         else:
-            _tile_in_pool(todo, out_dir, settings, workers, finish)
+            _tile_in_pool(todo, out_dir, settings, workers, finish, claims)
     finally:
         # Also on SIGTERM: the record says what finished.
+        claims.release_all()
         bar.close()
         ordered = [results[p] for p in slides if p in results] + problems
         write_csv_atomic([r for r in ordered if not r.duplicate], record)
@@ -771,6 +907,7 @@ def _tile_in_pool(
     settings: TileSettings,
     workers: int,
     finish: Callable[[Path, TileResult], None],
+    claims: SlideClaims,
 ) -> None:
     """Tile ``todo`` in ``workers`` processes; a dead worker fails only its own slide.
 
@@ -780,9 +917,9 @@ def _tile_in_pool(
     """
     queue = list(todo)
     while queue:
-        suspects = _run_until_broken(queue, out_dir, settings, workers, finish)
+        suspects = _run_until_broken(queue, out_dir, settings, workers, finish, claims)
         for p in suspects:
-            alone = _run_until_broken([p], out_dir, settings, 1, finish)
+            alone = _run_until_broken([p], out_dir, settings, 1, finish, claims)
             if alone:
                 finish(
                     p,
@@ -801,33 +938,60 @@ def _run_until_broken(
     settings: TileSettings,
     workers: int,
     finish: Callable[[Path, TileResult], None],
+    claims: SlideClaims,
 ) -> list[Path]:
-    """Run slides from ``queue`` (consumed) until done or a worker dies; return the suspects."""
+    """Run slides from ``queue`` (consumed) until done or a worker dies; return the suspects.
+
+    Each slide is claimed (locked) here, right before it is submitted; a suspect stays claimed.
+    """
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
     running: dict[Future, Path] = {}
     try:
         while queue or running:
             while queue and len(running) < workers:
                 p = queue.pop(0)
-                running[pool.submit(tile_slide, p, out_dir, settings)] = p
+                early = claims.claim(p)
+                if early is not None:
+                    finish(p, early)
+                    continue
+                running[pool.submit(_tile_held_slide, p, out_dir, settings)] = p
+            if not running:
+                continue
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             broken = []
             for fut in done:
-                p = running.pop(fut)
+                p = running[fut]
                 try:
-                    finish(p, fut.result())
+                    result = fut.result()
                 except BrokenProcessPool:
                     broken.append(p)
+                else:
+                    finish(p, result)
+                del running[fut]  # only now: until then a SIGTERM settles it from ``running``
             if broken:
                 return broken + list(running.values())
         return []
     except Terminated:
         _stop_workers(pool)
-        for p in running.values():
-            remove_leftovers(out_dir, slide_id_for(p))
+        _settle_stopped(running, out_dir, finish)
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle_stopped(
+    running: dict[Future, Path], out_dir: Path, finish: Callable[[Path, TileResult], None]
+) -> None:
+    """After SIGTERM stopped the workers: record the slides they finished, clean up the rest."""
+    # A slide whose worker returned just before the signal has its files in place; its result
+    # may still be on its way to the pool's result thread, which settles every future once the
+    # workers are gone (a result, or BrokenProcessPool).
+    wait(running, timeout=10)
+    for fut, p in running.items():
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            finish(p, fut.result())
+        else:
+            remove_leftovers(out_dir, slide_id_for(p))
 
 
 def _worker_init() -> None:

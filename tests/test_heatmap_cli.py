@@ -118,7 +118,12 @@ def test_batch_renders_good_slides_and_records_each_failure(batch):
     assert "not found" in rec["moved"]["error"] and "--slide" in rec["moved"]["error"]
     assert all(rec[s]["status"] == "failed" for s in ("stranger", "otherweights", "moved"))
     assert "1 rendered, 0 skipped, 3 failed" in p.stderr
-    assert sorted(q.name for q in out.iterdir()) == ["heatmaps.csv", "planted"]
+    # .heatmaps.csv.lock: the file lock runs sharing OUT merge heatmaps.csv under
+    assert sorted(q.name for q in out.iterdir()) == [
+        ".heatmaps.csv.lock",
+        "heatmaps.csv",
+        "planted",
+    ]
     for line in p.stderr.splitlines():
         if "FAILED" in line:
             assert "Traceback" not in line
@@ -216,7 +221,8 @@ def test_top_k_above_regions_leaves_nothing(planted, weights, tmp_path, capsys):
     )
     assert code == 1
     assert "--top-k 7 is larger than the slide's 6 regions" in err
-    assert sorted(q.name for q in out.iterdir()) == ["heatmaps.csv"]  # no partial or temp folder
+    # no partial or temporary folder, no slide lock left
+    assert sorted(q.name for q in out.iterdir()) == [".heatmaps.csv.lock", "heatmaps.csv"]
 
 
 def test_weights_other_than_the_features_are_refused(planted, tmp_path, capsys):

@@ -3,7 +3,8 @@
 Run it as it is on one process, under ``torchrun --nproc_per_node=K`` or under ``srun`` (one task
 per device); the same command resumes from ``OUT/checkpoint.pth``. Exit codes: 0 finished (or
 stopped at ``train.stop_at_step``), 3 stopped by SIGTERM/SIGUSR1 after saving (requeue and run
-again), 2 bad configuration or data (nothing trained), 1 a failure during training.
+again), 2 bad configuration or data, or an output folder another live ``hipt pretrain`` is
+writing (nothing trained, nothing in it touched), 1 a failure during training.
 """
 
 from __future__ import annotations

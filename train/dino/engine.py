@@ -4,7 +4,8 @@ One process or many (torchrun, or srun with Slurm's variables; :mod:`hipt.distri
 process reads its share of every global batch; the student is wrapped in DDP, the teacher is an
 EMA of it on every process. Checkpoints are written by rank 0 every ``checkpoint_every_steps``,
 at the end, and when SIGTERM or SIGUSR1 arrives (all processes agree on the step to stop at, so
-a preempted job saves one consistent state). ``state.json`` in the output folder says whether
+a preempted job saves one consistent state). One output folder is one run: it is locked for the
+run's time (:mod:`train.dino.rundir`), so a second live run onto it is refused. ``state.json`` in the output folder says whether
 the run is ``running``, ``preempted``, ``stopped`` (``train.stop_at_step``) or ``complete``.
 
 Examples
@@ -48,6 +49,7 @@ from train.dino.data import (
     SlidePatches,
 )
 from train.dino.model import DinoLoss, DinoNet, build_backbone
+from train.dino.rundir import hold_run_folder
 from train.dino.schedule import Schedules
 
 __all__ = ["Outcome", "Run", "pretrain"]
@@ -426,11 +428,19 @@ def pretrain(cfg: Stage1Config | Stage2Config, env: DistEnv | None = None) -> Ou
     ------
     ValueError
         Bad data (:class:`~train.dino.data.DataError`), a checkpoint that does not fit
-        (:class:`~hipt.models.checkpoint.CheckpointError`), before any step runs.
+        (:class:`~hipt.models.checkpoint.CheckpointError`), before any step runs; an output
+        folder another live run is writing (:class:`~train.dino.rundir.RunFolderBusy`), before
+        anything in it is read or written.
     """
     env = env or detect()
     backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
     init_process_group(env, backend)
+    with hold_run_folder(Path(cfg.out), env, _device(cfg, env)):
+        return _pretrain_held(cfg, env)
+
+
+def _pretrain_held(cfg: Stage1Config | Stage2Config, env: DistEnv) -> Outcome:
+    """:func:`pretrain` once the output folder is this run's."""
     run = Run(cfg, env)
     resume = run.resume_path()
     if resume is not None:
