@@ -228,6 +228,11 @@ def stage_pretrain2(demo: Demo) -> None:
     s = demo.size
     cfg = _dino_common(s.vit4k_depth)
     cfg["model"]["arch"] = "vit4k_xs"
+    # Forty-odd steps on a few dozen regions collapse ViT-4K's embeddings towards one point
+    # (slide models then see near-identical regions and learn nothing): a softer teacher, a
+    # smaller head and dinov2's KoLeo term keep them apart.
+    cfg["model"]["out_dim"] = 256
+    cfg["dino"].update({"teacher_temp": 0.07, "warmup_teacher_temp": 0.07, "koleo_weight": 0.1})
     cfg["data"] = {"features_dir": str((demo.out / "features").resolve())}
     cfg["crops"] = {"local_crops": 4}
     cfg["train"] = {"epochs": s.stage2_epochs, "batch_size": 16, "device": "cpu", "workers": 0,
@@ -252,7 +257,8 @@ def _train_config(demo: Demo, task: str) -> Path:
         },  # fmt: skip
         "splits": {"folds": demo.size.folds},
         "threads": 1,  # bags are small: one thread is fastest (train.config)
-        "train": {"epochs": demo.size.epochs, "lr": 2.0e-4, "patience": 0},
+        # The paper's protocol: the last epoch's model (a few validation cases pick noise).
+        "train": {"epochs": demo.size.epochs, "lr": 2.0e-4, "patience": 0, "select_on": "last"},
     }
     return _write_yaml(demo.out / "configs" / f"train_{task}.yaml", cfg)
 

@@ -167,3 +167,67 @@ def test_a_corrupted_checkpoint_is_refused_not_half_loaded(features, tmp_path):
     torch.save(ckpt, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match="lacks optimizer"):
         pretrain(stage2(features, tmp_path / "x", f"resume={tmp_path / 'partial.pth'}"), SINGLE)
+
+
+def test_koleo_loss_is_minus_log_nearest_neighbour_distance():
+    from train.dino.model import koleo_loss
+
+    # Unit vectors at 0°, 90° and 180°: every nearest neighbour lies sqrt(2) away.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert koleo_loss(x).item() == pytest.approx(-0.5 * torch.log(torch.tensor(2.0)).item())
+    # Scale does not matter (rows are normalised); a close pair costs more than a spread set.
+    assert koleo_loss(3 * x).item() == pytest.approx(koleo_loss(x).item())
+    pair = torch.tensor([[1.0, 0.0], [0.99, 0.141], [-1.0, 0.0]])
+    assert koleo_loss(pair) > koleo_loss(x) + 1.0
+    assert koleo_loss(x[:1]).item() == 0.0  # no neighbour: nothing to spread
+
+
+def _near_identical_grids(features: Path, out: Path) -> Path:
+    """The fixture's grids squeezed to a tenth of their spread around the mean grid.
+
+    Like the patch features of a barely trained ViT-256: regions differ only a little, the
+    situation in which a short DINO run collapses towards one embedding.
+    """
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    shutil.copytree(features, out)
+    for path in sorted(out.glob("*.h5")):
+        with h5py.File(path, "r+") as f:
+            grids = f["patch_features"][:].astype(np.float32)
+            mean = grids.mean(axis=(0, 1), keepdims=True)
+            f["patch_features"][:] = (mean + 0.1 * (grids - mean)).astype(np.float16)
+    return out
+
+
+def _teacher_embeddings(run: Path, features: Path) -> torch.Tensor:
+    import h5py
+
+    from hipt.models.slide import patch_grid_to_vit4k_input
+
+    vit4k = create_model("vit4k_xs", depth=1)
+    load_encoder_weights(vit4k, run / "teacher.pth")
+    grids = []
+    for path in sorted(features.glob("*.h5")):
+        with h5py.File(path) as f:
+            grids.append(torch.from_numpy(f["patch_features"][:].astype("float32")))
+    with torch.no_grad():
+        return vit4k.eval()(patch_grid_to_vit4k_input(torch.cat(grids)))
+
+
+def test_koleo_weight_spreads_the_embeddings_of_a_short_run(features, tmp_path):
+    from train.dino.model import koleo_loss
+
+    squeezed = _near_identical_grids(features, tmp_path / "features")
+    short = ["train.epochs=6", "dino.momentum_teacher=0.9", "optim.lr=0.002"]
+    plain = pretrain(stage2(squeezed, tmp_path / "plain", *short), SINGLE)
+    spread = pretrain(stage2(squeezed, tmp_path / "koleo", *short, "dino.koleo_weight=0.5"), SINGLE)
+    assert plain.step == spread.step == 18
+    # Same seed, data and steps: only the spreading term differs, and the exported teacher's
+    # embeddings of the training regions end up further from their nearest neighbours.
+    before = _teacher_embeddings(tmp_path / "plain", squeezed)
+    after = _teacher_embeddings(tmp_path / "koleo", squeezed)
+    assert koleo_loss(after) < koleo_loss(before) - 0.05
+    assert after.std(dim=0).mean() > 1.1 * before.std(dim=0).mean()

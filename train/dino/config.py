@@ -71,6 +71,9 @@ class DinoConfig(ConfigModel):
     center_momentum: float = Field(0.9, ge=0.0, le=1.0)
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0)
     momentum_teacher_end: float = Field(1.0, ge=0.0, le=1.0)
+    # KoLeo spreading term (dinov2) on the student's first global crop, 0 = DINO as published.
+    # Short runs on small cohorts collapse towards one embedding without it.
+    koleo_weight: float = Field(0.0, ge=0.0)
 
 
 class OptimConfig(ConfigModel):

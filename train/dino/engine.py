@@ -48,7 +48,7 @@ from train.dino.data import (
     ResumableBatchSampler,
     SlidePatches,
 )
-from train.dino.model import DinoLoss, DinoNet, build_backbone
+from train.dino.model import DinoLoss, DinoNet, build_backbone, koleo_loss
 from train.dino.rundir import hold_run_folder
 from train.dino.schedule import Schedules
 
@@ -356,8 +356,14 @@ class Run:
         with self._autocast():
             with torch.no_grad():
                 teacher_out = self.teacher(crops[:n_global])
-            student_out = self.ddp(crops)
+            koleo_weight = self.cfg.dino.koleo_weight
+            if koleo_weight > 0:
+                student_out, embeddings = self.ddp(crops, with_features=True)
+            else:
+                student_out, embeddings = self.ddp(crops), None
             loss = self.loss_fn(student_out, teacher_out, sched.teacher_temperature(s))
+            if embeddings is not None:  # spread the first global crop of each image
+                loss = loss + koleo_weight * koleo_loss(embeddings[: crops[0].shape[0]])
         value = float(loss.item())
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {s}: lower optim.lr or use fp32")

@@ -92,7 +92,10 @@ class DinoNet(nn.Module):
         self.backbone = backbone
         self.head = DinoHead(int(backbone.num_features), **head_kwargs)
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, crops: list[torch.Tensor], with_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs of all crops (and, ``with_features``, the backbone's embeddings too)."""
         feats = []
         start = 0
         while start < len(crops):
@@ -101,7 +104,34 @@ class DinoNet(nn.Module):
                 stop += 1
             feats.append(self.backbone(torch.cat(crops[start:stop])))
             start = stop
-        return self.head(torch.cat(feats))
+        embeddings = torch.cat(feats)
+        out = self.head(embeddings)
+        return (out, embeddings) if with_features else out
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko spreading term (dinov2): ``-mean log`` distance to the nearest neighbour.
+
+    ``x`` is [B, D] (one crop per image); rows are L2-normalised first. Minimising it pushes
+    each embedding away from its closest neighbour in the batch, so the embeddings cannot
+    collapse onto one point. A batch of one row has no neighbour and gives 0.
+
+    Examples
+    --------
+    >>> spread = torch.eye(4)
+    >>> close = torch.eye(4) * 0.1 + 1.0
+    >>> bool(koleo_loss(spread) < koleo_loss(close))
+    True
+    """
+    if x.shape[0] < 2:
+        return x.new_zeros(())
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        sims = x @ x.T
+        sims.fill_diagonal_(-2.0)  # never one's own neighbour
+        nearest = sims.argmax(dim=1)
+    distance = (x - x[nearest]).norm(dim=-1)
+    return -torch.log(distance + eps).mean()
 
 
 class DinoLoss(nn.Module):
