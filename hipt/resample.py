@@ -4,35 +4,27 @@ The pixels are PIL's ``Image.reduce``: each output pixel is the mean of a ``k`` 
 rounded half up, and a last partial row or column of blocks averages the pixels it has.
 
 For ``k == 2`` on uint8 images of even size, OpenCV's ``INTER_AREA`` resize computes exactly
-that (``(sum + 2) >> 2``, bit-identical) about 9× faster: PIL first copies RGB to RGBX and back,
+that (``(sum + 2) >> 2``, bit-identical) 6–9× faster: PIL first copies RGB to RGBX and back,
 OpenCV reduces in SIMD straight into the caller's buffer and releases the GIL. For other
 factors OpenCV multiplies by ``1 / k²`` in floating point and rounds to nearest, which differs
 from PIL by one grey level on 1–11 % of values, so those stay with PIL and the two paths never
 give different pixels for the same request.
 
-Threads: OpenCV's own thread pool is process-wide (``cv2.setNumThreads``) and would start as many
-threads as there are cores in every DataLoader worker, on top of the workers themselves. hipt
-decides its parallelism itself (decode threads per reader, one inside a worker), so the first
-reduction sets OpenCV to one thread and :func:`box_reduce` splits the rows over ``threads``
-threads of its own instead.
+Threads: OpenCV's thread pool is process-wide (``cv2.setNumThreads``) and would start one
+thread per core in every DataLoader worker, on top of the workers themselves; hipt decides its
+parallelism itself (decode threads per reader, one inside a worker). So the first reduction sets
+OpenCV to one thread for the process, and the reduction runs on the calling thread. Measured
+on a 2-vCPU VM, 32 strips of 256 × 8192 px (one 40× region): 0.022 s on one thread, 0.025 s
+split over two threads of hipt's, 0.018–0.021 s on OpenCV's own two threads; PIL 0.14–0.17 s.
+The reduction is memory-bound: more threads would buy at most 1 % of a region read.
 """
 
 from __future__ import annotations
-
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 __all__ = ["box_reduce", "reduced_shape"]
 
-# Below this many output pixels per thread, splitting the rows costs more than it saves.
-_MIN_SPLIT_PX = 1 << 16
-
-_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] = (-1, 0)  # (pid, workers): a pool inherited through fork is dead
 _cv2 = None
 
 
@@ -41,9 +33,7 @@ def reduced_shape(shape: tuple[int, ...], k: int) -> tuple[int, ...]:
     return (-(-shape[0] // k), -(-shape[1] // k), *shape[2:])
 
 
-def box_reduce(
-    src: np.ndarray, k: int, out: np.ndarray | None = None, *, threads: int = 1
-) -> np.ndarray:
+def box_reduce(src: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
     """``src`` area-averaged down by the whole factor ``k`` (PIL ``Image.reduce``'s pixels).
 
     Parameters
@@ -56,8 +46,6 @@ def box_reduce(
     out : ndarray, optional
         uint8 array of :func:`reduced_shape` to fill and return, e.g. a slice of a reused or
         shared-memory buffer.
-    threads : int
-        Threads to split the rows over (``k == 2`` only; other factors use one).
 
     Returns
     -------
@@ -72,7 +60,7 @@ def box_reduce(
     if k == 1:
         np.copyto(out, src)
     elif k == 2 and h % 2 == 0 and w % 2 == 0:
-        _halve_in_bands(src, out, max(1, int(threads)))
+        _halve(src, out)
     else:
         np.copyto(out, _pil_reduce(src, k))
     return out
@@ -94,19 +82,6 @@ def _pil_reduce(src: np.ndarray, k: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(np.ascontiguousarray(src)).reduce(k))
-
-
-def _halve_in_bands(src: np.ndarray, out: np.ndarray, threads: int) -> None:
-    """``out`` = ``src`` halved, the output rows split into one band per thread."""
-    rows, cols = out.shape[:2]
-    bands = max(1, min(threads, rows * cols // _MIN_SPLIT_PX, rows))
-    if bands == 1:
-        _halve(src, out)
-        return
-    edges = [rows * i // bands for i in range(bands + 1)]
-    jobs = [(src[2 * a : 2 * b], out[a:b]) for a, b in zip(edges, edges[1:], strict=False)]
-    # list() re-raises the first exception of a band on the calling thread.
-    list(_executor(bands).map(lambda job: _halve(*job), jobs))
 
 
 def _halve(src: np.ndarray, out: np.ndarray) -> None:
@@ -136,18 +111,6 @@ def _opencv():
     if _cv2 is None:
         import cv2
 
-        cv2.setNumThreads(1)  # see the module docstring: hipt's own threads do the splitting
+        cv2.setNumThreads(1)  # no pool per DataLoader worker: see the module docstring
         _cv2 = cv2
     return _cv2
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_key
-    key = (os.getpid(), workers)
-    with _lock:
-        if _pool is None or _pool_key[0] != key[0] or _pool_key[1] < workers:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)  # a larger pool replaces it; its threads exit
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hipt-reduce")
-            _pool_key = key
-        return _pool

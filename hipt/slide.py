@@ -370,7 +370,8 @@ class Slide:
 
         The square's level-0 side is ``size_px * target_mpp / mpp_level0``. It is read from
         :meth:`best_level_for` and area-averaged down (:func:`hipt.resample.box_reduce`, PIL
-        ``Image.reduce``'s pixels, for integer factors; a box filter otherwise). Outside the slide is ``fill`` (255, white, by default).
+        ``Image.reduce``'s pixels, for integer factors; a box filter otherwise). Outside the
+        slide is ``fill`` (255, white, by default).
 
         A level-0 read reduced by an integer factor (a 40× scan read at 20×) goes strip by
         strip into the output, so it never holds the full-resolution square (8192² px, 192 MiB
@@ -406,7 +407,7 @@ class Slide:
             return self._read_reduced_strips(x0, y0, size_px, k, out, fill)
         pixels = self.read_level(level, x0, y0, n, n, fill=fill)
         if integer:
-            return box_reduce(pixels, k, out, threads=self._threads())
+            return box_reduce(pixels, k, out)
         small = Image.fromarray(pixels).resize(
             (size_px, size_px), Image.Resampling.BOX, box=(0, 0, side_level, side_level)
         )
@@ -427,7 +428,6 @@ class Slide:
         tile_h = self.tile_height(0)
         rows = max(tile_h, (STRIP_BYTES // (3 * width)) // tile_h * tile_h)
         buf = np.empty((rows + k, width, 3), dtype=np.uint8)  # reused: no page faults per strip
-        threads = self._threads()
         carry, done, y, end = 0, 0, y0, y0 + width
         while y < end:
             stop = min(end, (y // tile_h + 1) * tile_h + rows - tile_h)
@@ -435,17 +435,12 @@ class Slide:
             have = carry + stop - y
             usable = have // k * k
             if usable:
-                box_reduce(buf[:usable], k, out[done : done + usable // k], threads=threads)
+                box_reduce(buf[:usable], k, out[done : done + usable // k])
                 done += usable // k
             carry = have - usable
             buf[:carry] = buf[usable:have]
             y = stop
         return out
-
-    def _threads(self) -> int:
-        # The reduction uses as many threads as the reader decodes with (1 in a DataLoader
-        # worker), so the two never add up to more than the reader was given.
-        return int(getattr(self._reader, "threads", 1))
 
     def tile_height(self, level: int) -> int:
         """The height of ``level``'s tiles as the slide states it (1 when it does not)."""
@@ -491,5 +486,5 @@ class Slide:
         for r0 in range(0, out_h, rows_per_strip):
             r1 = min(out_h, r0 + rows_per_strip)
             strip = self.read_level(level, 0, int(round(r0 * k * ds)), out_w * k, (r1 - r0) * k)
-            box_reduce(strip, k, out[r0:r1], threads=self._threads())
+            box_reduce(strip, k, out[r0:r1])
         return out, ds * k
