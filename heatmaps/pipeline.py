@@ -33,6 +33,7 @@ from hipt import __version__
 from hipt.h5schema import FeaturesInfo
 from hipt.models.checkpoint import file_sha256
 from hipt.models.region_encoder import RegionEncoder
+from hipt.resample import box_reduce
 from hipt.slide import Slide
 
 __all__ = ["OUTPUTS", "SlideJob", "fingerprint", "is_rendered", "render_slide"]
@@ -505,12 +506,12 @@ class _Clock:
 
 
 def _plain_region(slide: Slide, index: int, xy: tuple[int, int], target_mpp: float, out_px: int):
-    from heatmaps.scores import REGION_PX, RegionMaps, _reduce
+    from heatmaps.scores import REGION_PX, RegionMaps
 
     region = slide.read_region(int(xy[0]), int(xy[1]), REGION_PX, target_mpp)
     return RegionMaps(
         index=index,
-        pixels=_reduce(region, REGION_PX // out_px),
+        pixels=box_reduce(region, REGION_PX // out_px),
         token=None,
         patch=None,
         shifts_px=[0],

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from heatmaps.colors import blend, lut
 from heatmaps.paint import paint
+from hipt.resample import box_reduce
 
 __all__ = ["region_panels", "slide_png", "title_of"]
 
@@ -164,10 +165,7 @@ def region_panels(
     Image.fromarray(image).save(path, compress_level=6)
     written.append(path)
     if heads:
-        small = (
-            Image.fromarray(pixels).reduce(2) if pixels.shape[0] >= 512 else Image.fromarray(pixels)
-        )
-        small_px = np.asarray(small)
+        small_px = box_reduce(pixels, 2 if pixels.shape[0] >= 512 else 1)
         rows = []
         for name, maps in (("patch", patch), ("token", token)):
             if maps is None:
@@ -175,7 +173,7 @@ def region_panels(
             cells = []
             for h in range(1, maps.shape[0]):
                 m = np.asarray(
-                    Image.fromarray(maps[h]).resize(small.size, Image.Resampling.NEAREST)
+                    Image.fromarray(maps[h]).resize(small_px.shape[1::-1], Image.Resampling.NEAREST)
                 )
                 cells.append(
                     _captioned(blend(small_px, m, colormap, opacity), f"{name} head {h - 1}")

@@ -31,6 +31,7 @@ from hipt.models.attention import (
     vit4k_attention,
 )
 from hipt.models.region_encoder import RegionEncoder
+from hipt.resample import box_reduce
 from hipt.slide import Slide
 from hipt.survival import risk_from_logits, survival_curve
 
@@ -238,7 +239,7 @@ def region_maps(
         y = int(round(xy[1] + shift * level0_per_px))
         region = slide.read_region(x, y, REGION_PX, target_mpp)
         if pixels is None:
-            pixels = _reduce(region, cell)
+            pixels = box_reduce(region, cell)
         batch = torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1)))[None]
         ra = region_attention(encoder, batch)
         offset = shift // cell
@@ -261,10 +262,3 @@ def region_maps(
         patch=None if patch_acc is None else patch_acc / safe,
         shifts_px=shifts,
     )
-
-
-def _reduce(region: np.ndarray, factor: int) -> np.ndarray:
-    from PIL import Image
-
-    img = Image.fromarray(region)
-    return np.asarray(img.reduce(factor) if factor > 1 else img)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from hipt.readers import SlideReadError, open_reader
 from hipt.readers.base import WHITE, check_out
+from hipt.resample import box_reduce
 
 # A level-0 µm/px outside this range is metadata nonsense (72 dpi gives 352 µm/px).
 PLAUSIBLE_MPP = (0.02, 50.0)
@@ -368,8 +369,9 @@ class Slide:
         """Read the level-0 square at ``(x0, y0)`` as ``size_px`` × ``size_px`` at ``target_mpp``.
 
         The square's level-0 side is ``size_px * target_mpp / mpp_level0``. It is read from
-        :meth:`best_level_for` and area-averaged down (``Image.reduce`` for integer factors,
-        a box filter otherwise). Outside the slide is ``fill`` (255, white, by default).
+        :meth:`best_level_for` and area-averaged down (:func:`hipt.resample.box_reduce`, PIL
+        ``Image.reduce``'s pixels, for integer factors; a box filter otherwise). Outside the
+        slide is ``fill`` (255, white, by default).
 
         A level-0 read reduced by an integer factor (a 40× scan read at 20×) goes strip by
         strip into the output, so it never holds the full-resolution square (8192² px, 192 MiB
@@ -403,13 +405,12 @@ class Slide:
         integer = k >= 2 and abs(factor - k) < 1e-6 and n == k * size_px
         if integer and level == 0:
             return self._read_reduced_strips(x0, y0, size_px, k, out, fill)
-        img = Image.fromarray(self.read_level(level, x0, y0, n, n, fill=fill))
+        pixels = self.read_level(level, x0, y0, n, n, fill=fill)
         if integer:
-            small = img.reduce(k)
-        else:
-            small = img.resize(
-                (size_px, size_px), Image.Resampling.BOX, box=(0, 0, side_level, side_level)
-            )
+            return box_reduce(pixels, k, out)
+        small = Image.fromarray(pixels).resize(
+            (size_px, size_px), Image.Resampling.BOX, box=(0, 0, side_level, side_level)
+        )
         np.copyto(out, np.asarray(small))
         return out
 
@@ -434,8 +435,7 @@ class Slide:
             have = carry + stop - y
             usable = have // k * k
             if usable:
-                block = Image.fromarray(buf[:usable]).reduce(k)
-                out[done : done + usable // k] = np.asarray(block)
+                box_reduce(buf[:usable], k, out[done : done + usable // k])
                 done += usable // k
             carry = have - usable
             buf[:carry] = buf[usable:have]
@@ -486,5 +486,5 @@ class Slide:
         for r0 in range(0, out_h, rows_per_strip):
             r1 = min(out_h, r0 + rows_per_strip)
             strip = self.read_level(level, 0, int(round(r0 * k * ds)), out_w * k, (r1 - r0) * k)
-            out[r0:r1] = np.asarray(Image.fromarray(strip).reduce(k))
+            box_reduce(strip, k, out[r0:r1])
         return out, ds * k

@@ -309,3 +309,16 @@ def test_outside_the_slide_takes_the_fill(tiff_050, reader):
     assert (black[:200] == 0).all() and (black[:, 148:] == 0).all()
     assert np.array_equal(black[200:, :148], white[200:, :148])
     assert (reduced[:100] == 0).all()
+
+
+@pytest.mark.parametrize(("x", "y"), [(6, 1001), (3001, 3333)])  # inside; across two edges
+def test_40x_region_is_openslide_level0_reduced_by_pil(svs_025, x, y):
+    """The fast reader's 2x strip reduction gives exactly OpenSlide's level 0 + PIL reduce(2)."""
+    with Slide(svs_025.path, reader="openslide") as s:
+        want = np.asarray(Image.fromarray(s.read_level(0, x, y, 2048, 2048)).reduce(2))
+    with Slide(svs_025.path, reader="fast") as s:
+        assert s.reader_name == "fast" and s.best_level_for(0.5) == 0
+        out = np.zeros((1024, 1024, 3), np.uint8)
+        assert s.read_region(x, y, 1024, 0.5, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    assert (want < 250).mean() > 0.05  # tissue, not only white
