@@ -731,6 +731,9 @@ def tile_batch(
     bar = tqdm(
         total=len(slides), desc="tiling", unit="slide", disable=not progress, initial=len(results)
     )
+    for r in problems:  # refused before tiling (missing, unsafe name, id taken): failures too
+        if r.status == "failed":
+            _say(bar, progress, f"failed: {r.error}")
 
     def finish(p: Path, r: TileResult) -> None:
         results[p] = r
