@@ -20,7 +20,8 @@ Faults that need more than a bad input are tested where their concern lives:
   ``test_embed_faults.py::test_sigterm_stops_workers_drops_temporaries_and_exits_143``,
   ``test_train_signals.py``, ``test_dino_train.py``;
 - a killed worker or run: ``test_cli_tile.py::test_a_killed_worker_fails_only_its_slide``,
-  ``test_embed_kill.py``, ``test_dino_train.py::test_killed_and_resumed_run_is_bit_identical...``;
+  ``test_embed_kill.py``,
+  ``test_dino_train.py::test_killed_and_resumed_run_is_bit_identical_to_a_straight_run``;
 - two runs on one output folder: ``test_embed_faults.py::test_two_runs_started_together_share_the_work``
   and ``::test_locks_of_dead_runs_are_taken_over_and_live_ones_left_alone``;
 - the huge claimed size under a memory limit: ``test_cli_tile.py``
@@ -32,11 +33,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -46,6 +50,7 @@ from corpus_batch import EMBED_BATCH, FAST, INSPECT_BATCH, SMALL, TILE_BATCH, Ca
 from corpus_usage import USAGE, train_run
 from h5_inputs import tiles_for
 
+from hipt.runlock import locked_file
 from hipt.synthetic.cohorts import make_subtyping_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,26 +106,48 @@ def _unchanged(before: dict[str, str], after: dict[str, str]) -> None:
     assert {k: after.get(k) for k in before} == before
 
 
+def once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
+    """``build(folder)`` once per test session, also when pytest-xdist spreads the cases over
+    workers: the first builds and keeps the result, the others wait for it and read it (the runs
+    cost a minute of CPU; doing them per worker would double it)."""
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of one session
+    kept = base / f"{name}.pickle"
+    with locked_file(kept, timeout_s=1800):
+        if kept.exists():
+            return pickle.loads(kept.read_bytes())
+        folder = base / name
+        folder.mkdir()
+        value = build(folder)
+        kept.write_bytes(pickle.dumps(value))
+    return value
+
+
 @pytest.fixture(scope="module")
 def tile_batch(
     tmp_path_factory, tiff_050, tiny_biopsy, not_a_slide, truncated_tiff, no_mpp_tiff,
     suspicious_svs, blank_slide, corrupt_lowres_slide,
 ) -> SimpleNamespace:  # fmt: skip
     """Good slides tiled once; then the bad ones added to their folder and the folder tiled again."""
-    root = tmp_path_factory.mktemp("tile_batch")
     fixtures = SimpleNamespace(
         not_a_slide=not_a_slide, truncated_tiff=truncated_tiff, no_mpp_tiff=no_mpp_tiff.path,
         suspicious_svs=suspicious_svs.path, blank_slide=blank_slide.path,
         corrupt_lowres_slide=corrupt_lowres_slide.path, tiny_biopsy=tiny_biopsy.path,
     )  # fmt: skip
+    build = partial(_run_tile_batch, good=tiff_050.path, fixtures=fixtures)
+    return once(tmp_path_factory, "tile_batch", build)
+
+
+def _run_tile_batch(root: Path, good: Path, fixtures: SimpleNamespace) -> SimpleNamespace:
     b = SimpleNamespace(root=root, slides=root / "slides", out=root / "out", fixtures=fixtures)
     b.extra = []
     b.slides.mkdir()
-    shutil.copy(tiff_050.path, b.slides / "good_a.tiff")
+    shutil.copy(good, b.slides / "good_a.tiff")
     first = hipt("tile", b.slides, "--out", b.out, "--no-progress")
     assert first.returncode == 0, first.stderr
     b.earlier = snapshot(b.out, skip=("tiling.csv",))
-    shutil.copy(tiny_biopsy.path, b.slides / "good_b.tiff")
+    shutil.copy(fixtures.tiny_biopsy, b.slides / "good_b.tiff")
     b.subjects = {c.id: c.make(b) for c in TILE_BATCH}
     b.run = hipt("tile", b.slides, *b.extra, "--out", b.out, "--no-progress")
     b.rows = read_rows(b.out / "tiling.csv")
@@ -151,10 +178,13 @@ def test_tile_batch(case: Case, tile_batch: SimpleNamespace) -> None:
 @pytest.fixture(scope="module")
 def embed_batch(tmp_path_factory, tiff_050) -> SimpleNamespace:
     """Two slides embedded once; then bad tiles files added and one features file damaged."""
-    root = tmp_path_factory.mktemp("embed_batch")
+    return once(tmp_path_factory, "embed_batch", partial(_run_embed_batch, good=tiff_050.path))
+
+
+def _run_embed_batch(root: Path, good: Path) -> SimpleNamespace:
     b = SimpleNamespace(root=root, tiles=root / "tiles", out=root / "out")
     b.tiles.mkdir()
-    b.slide = Path(shutil.copy(tiff_050.path, root / "slide.tiff"))
+    b.slide = Path(shutil.copy(good, root / "slide.tiff"))
     for sid in ("e_good", "e_flip"):
         tiles_for(b.tiles, sid, b.slide, **SMALL)
     first = hipt("embed", "--tiles", b.tiles, "--out", b.out, *FAST, "--no-progress")
@@ -187,7 +217,11 @@ def test_embed_batch(case: Case, embed_batch: SimpleNamespace) -> None:
 @pytest.fixture(scope="module")
 def inspect_batch(tmp_path_factory, embed_batch) -> SimpleNamespace:
     """A good tiles and a good features file of the embed batch, and the bad files beside them."""
-    folder = tmp_path_factory.mktemp("inspect_batch")
+    build = partial(_run_inspect_batch, embed_batch=embed_batch)
+    return once(tmp_path_factory, "inspect_batch", build)
+
+
+def _run_inspect_batch(folder: Path, embed_batch: SimpleNamespace) -> SimpleNamespace:
     b = SimpleNamespace(folder=folder)
     b.good_tiles = Path(shutil.copy(embed_batch.tiles / "e_good.h5", folder / "tiles.h5"))
     features = embed_batch.out / "features" / "e_good.h5"
@@ -217,7 +251,16 @@ def test_inspect_batch(case: Case, inspect_batch: SimpleNamespace) -> None:
 @pytest.fixture(scope="module")
 def usage_runs(tmp_path_factory, tile_batch, embed_batch) -> SimpleNamespace:
     """Every usage case as its own run, two at a time, against folders earlier runs filled."""
-    root = tmp_path_factory.mktemp("usage")
+    build = partial(_run_usage, tile_batch=tile_batch, embed_batch=embed_batch)
+    return once(tmp_path_factory, "usage", build)
+
+
+def _run_usage(
+    root: Path, tile_batch: SimpleNamespace, embed_batch: SimpleNamespace
+) -> SimpleNamespace:
+    root, train_root = root / "scratch", root / "train"
+    root.mkdir()
+    train_root.mkdir()
     u = SimpleNamespace(root=root, slide=tile_batch.slides / "good_a.tiff", tile_out=tile_batch.out)
     u.a_file = root / "a_file"
     u.a_file.write_text("a file, not a folder\n")
@@ -225,7 +268,7 @@ def usage_runs(tmp_path_factory, tile_batch, embed_batch) -> SimpleNamespace:
     u.good_tiles.mkdir()
     shutil.copy(embed_batch.tiles / "e_good.h5", u.good_tiles)
     u.embed_out = embed_batch.out
-    _train_good_run(u, tmp_path_factory.mktemp("train"))
+    _train_good_run(u, train_root)
     made = {c.id: c.make(u) for c in USAGE}
     watched = (u.tile_out, u.embed_out, u.train_root, u.a_file.parent)
     u.before = [snapshot(w) for w in watched]
