@@ -858,6 +858,9 @@ def tile_batch(
     bar = tqdm(
         total=len(slides), desc="tiling", unit="slide", disable=not progress, initial=len(results)
     )
+    for r in problems:  # refused before tiling (missing, unsafe name, id taken): failures too
+        if r.status == "failed":
+            _say(bar, progress, f"failed: {r.error}")
 
     claims = SlideClaims(out_dir, settings, overwrite, lambda line: _say(bar, progress, line))
 

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
+from h5_inputs import tiles_for as _tiles
 
-from hipt.h5schema import write_tiles
 from hipt.inspect import inspect_file
 from hipt.synthetic import write_generic_tiff
 
@@ -32,17 +31,6 @@ FAST = ["--random-weights", "--random-depth", "1,1", "--device", "cpu", "--worke
 def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("slides")
     return write_generic_tiff(root / "a.tiff", 4096, 4096, mpp=0.5, seed=2).path
-
-
-def _tiles(folder: Path, sid: str, slide: Path, coords=((0, 0),), **attrs) -> Path:
-    base = dict(
-        slide_id=sid, slide_path=str(slide), slide_size=[4096, 4096],
-        slide_file_bytes=slide.stat().st_size if slide.exists() else 1, mpp_level0=0.5, mpp_source="openslide.mpp-x",
-        target_mpp=0.5, region_size=4096, region_size_level0=4096, read_level=0,
-        patch_size=256, token_size=16,
-    )  # fmt: skip
-    coords = np.asarray(coords, np.int64).reshape(-1, 2)
-    return write_tiles(folder / f"{sid}.h5", coords, np.ones(len(coords)), dict(base, **attrs))
 
 
 def _copies(slide: Path, folder: Path, names: list[str]) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from h5_inputs import flip_a_byte
 
 from hipt.h5schema import (
     FEATURES_SCHEMA,
@@ -145,17 +146,6 @@ def test_tiles_read_above_level0_need_the_read_level_size(tmp_path):
         write_tiles(tmp_path / "s1.h5", np.zeros((1, 2)), [1.0], attrs)
 
 
-def _flip_a_byte(path, dataset: str) -> None:
-    # Flip one bit in the middle of the dataset's first stored chunk (a silent disk error).
-    with h5py.File(path, "r") as f:
-        info = f[dataset].id.get_chunk_info(0)
-    with open(path, "r+b") as fh:
-        fh.seek(info.byte_offset + info.size // 2)
-        byte = fh.read(1)
-        fh.seek(-1, 1)
-        fh.write(bytes([byte[0] ^ 0x10]))
-
-
 @pytest.mark.parametrize("dataset", ["region_features", "patch_features", "coords"])
 def test_bit_flips_are_found_by_the_checksums(tmp_path, dataset):
     from hipt.h5schema import verify_data
@@ -164,7 +154,7 @@ def test_bit_flips_are_found_by_the_checksums(tmp_path, dataset):
     with FeaturesWriter(out, np.zeros((2, 2)), FEATURE_ATTRS) as w:
         w.write(0, np.full((2, 256, 384), 0.5), np.full((2, 192), 0.25))
     verify_data(out)  # intact
-    _flip_a_byte(out, dataset)
+    flip_a_byte(out, dataset)  # a silent disk error
     read_features_info(out)  # the header is intact; only reading the data finds the damage
     with pytest.raises(SchemaError, match=rf"s1.h5: {dataset} rows 0-1 are damaged"):
         verify_data(out)

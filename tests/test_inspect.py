@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from h5_inputs import flip_a_byte
 
 from hipt.h5schema import FeaturesWriter, write_tiles
 from hipt.inspect import format_report, inspect_file
@@ -179,13 +180,7 @@ def test_directory_and_symlink_loop_are_named_as_such(tmp_path: Path) -> None:
 
 def test_bit_flip_makes_the_file_invalid_and_no_verify_skips_the_read(tmp_path: Path) -> None:
     path = _features(tmp_path / "s1.h5")
-    with h5py.File(path) as f:
-        info = f["patch_features"].id.get_chunk_info(1)
-    with open(path, "r+b") as fh:
-        fh.seek(info.byte_offset + 1000)
-        byte = fh.read(1)
-        fh.seek(-1, 1)
-        fh.write(bytes([byte[0] ^ 0x01]))
+    flip_a_byte(path, "patch_features", chunk=1, offset=1000)
     out = _cli(str(path))
     assert out.returncode == 1 and "valid:    NO" in out.stdout
     assert f"{path}: patch_features rows 0-1 are damaged" in out.stderr

@@ -571,13 +571,19 @@ def write_corrupt_tile_slide(
 
 
 def write_huge_claim_tiff(
-    path: str | os.PathLike, width_px: int = 300_000, height_px: int = 300_000, tile_px: int = 512
+    path: str | os.PathLike,
+    width_px: int = 300_000,
+    height_px: int = 300_000,
+    tile_px: int = 512,
+    *,
+    mpp: float | None = None,
 ) -> Path:
     """A tiled JPEG TIFF whose header claims ``width_px`` × ``height_px`` but holds one tile.
 
     Every entry of its tile table points at the same small JPEG tile, so OpenSlide opens it
     as a generic TIFF of the claimed size while the file stays a few MB: the shape of a
-    damaged or forged header, for memory-bound tests. No µm/px is recorded.
+    damaged or forged header, for memory-bound tests. No µm/px is recorded unless ``mpp`` is
+    given (then as resolution tags in pixels per cm, like :func:`write_generic_tiff`).
     """
     import struct
 
@@ -587,7 +593,7 @@ def write_huge_claim_tiff(
     tile = np.full((tile_px, tile_px, 3), 240, np.uint8)
     data = imagecodecs.jpeg8_encode(tile, level=90, colorspace="RGB", outcolorspace="RGB")
     n_tiles = -(-width_px // tile_px) * -(-height_px // tile_px)
-    entries = [  # (tag, type, count, value or bytes); types 3 SHORT, 4 LONG, 7 UNDEFINED
+    entries = [  # (tag, type, count, value or bytes); types 3 SHORT, 4 LONG
         (256, 4, 1, width_px),
         (257, 4, 1, height_px),
         (258, 3, 3, struct.pack("<3H", 8, 8, 8)),
@@ -600,6 +606,7 @@ def write_huge_claim_tiff(
         (324, 4, n_tiles, None),  # TileOffsets, filled below
         (325, 4, n_tiles, struct.pack(f"<{n_tiles}I", *([len(data)] * n_tiles))),
     ]
+    entries = sorted(entries + _resolution_entries(mpp), key=lambda e: e[0])  # in tag order
     ifd_at = 8
     ifd_size = 2 + 12 * len(entries) + 4
     blob_at = ifd_at + ifd_size
@@ -628,3 +635,13 @@ def write_huge_claim_tiff(
         fh.write(struct.pack("<I", 0))
         fh.write(blobs)
     return path
+
+
+def _resolution_entries(mpp: float | None) -> list[tuple]:
+    """X/YResolution (RATIONAL, type 5) and ResolutionUnit (cm) IFD entries; none without ``mpp``."""
+    import struct
+
+    if mpp is None:
+        return []
+    per_cm = struct.pack("<II", round(1e4 / mpp * 1000), 1000)
+    return [(282, 5, 1, per_cm), (283, 5, 1, per_cm), (296, 3, 1, 3)]
