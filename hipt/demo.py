@@ -52,7 +52,7 @@ SIZES: dict[str, DemoSize] = {
     # For tests and CI: the same stages on a cohort too small to say much.
     "tiny": DemoSize(8, 1, 1, 6, 16, 2, 2, 40, 1),
     # The README's first command: under 15 minutes on 2 CPU cores.
-    "small": DemoSize(24, 1, 2, 30, 16, 10, 4, 30, 2),
+    "small": DemoSize(24, 1, 2, 30, 16, 10, 4, 50, 2),
     # Longer pretraining and a larger cohort; tens of minutes on a CPU.
     "full": DemoSize(60, 2, 2, 400, 32, 30, 5, 30, 3),
 }
