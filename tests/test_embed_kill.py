@@ -1,7 +1,7 @@
 """A real ``kill -9`` of ``hipt embed`` mid-slide leaves nothing a rerun trusts; the rerun matches.
 
-Two one-region slides are embedded by a ``hipt embed`` subprocess with random weights (real
-widths, one block deep, so a region takes seconds). It is killed with SIGKILL once the first
+A one-region and a two-region slide are embedded by a ``hipt embed`` subprocess with random
+weights (real widths, one block deep, so a region takes seconds). It is killed with SIGKILL once the first
 slide's file is in place and the second slide's temporary file exists, i.e. while the second
 slide is being encoded. The rerun must skip the first slide, redo the second, and produce
 exactly what an uninterrupted run produces.
@@ -36,14 +36,16 @@ def _embed_cmd(tiles: Path, out: Path) -> list[str]:
 
 def test_kill_9_mid_slide_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> None:
     (tmp_path / "slides").mkdir()
-    for sid, seed in (("p", 1), ("q", 4)):
+    # q has two regions: its temporary file is created when its first region is written and
+    # lives while the second is encoded (seconds), a window the kill below can hit every time.
+    for sid, seed, side, regions in (("p", 1, 2048, 1), ("q", 4, 4096, 2)):
         slide = write_generic_tiff(
-            tmp_path / "slides" / f"{sid}.tiff", 2048, 2048, mpp=1.0, seed=seed
+            tmp_path / "slides" / f"{sid}.tiff", side, side, mpp=1.0, seed=seed
         )
         result = tile_slide(
             slide.path, tmp_path, TileSettings(min_tissue=0.05, allow_upsampling=True)
         )
-        assert (result.status, result.n_regions) == ("ok", 1), result.error
+        assert (result.status, result.n_regions) == ("ok", regions), result.error
     tiles, out = tmp_path / "tiles", tmp_path / "killed"
     features = out / "features"
 
@@ -55,8 +57,11 @@ def test_kill_9_mid_slide_then_rerun_equals_uninterrupted_run(tmp_path: Path) ->
         deadline = time.monotonic() + 300
         while True:
             if (features / "p.h5").exists() and list(features.glob(".q.h5.tmp-*")):
-                os.kill(proc.pid, signal.SIGKILL)
-                break
+                os.killpg(proc.pid, signal.SIGSTOP)  # frozen: the files stay as just seen
+                if list(features.glob(".q.h5.tmp-*")) and not (features / "q.h5").exists():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+                os.killpg(proc.pid, signal.SIGCONT)
             if proc.poll() is not None:
                 raise AssertionError(
                     f"hipt embed ended (rc {proc.returncode}) before it could be killed: "
